@@ -1,0 +1,59 @@
+# Region-level SSL pipeline. Every target builds .venv first (idempotent).
+# Variables: DATASET (sample|coco|imagenet|folder), COCO_ROOT, DATA_ROOT, SPLIT, WORK_DIR.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+WORK_DIR ?= work
+DATASET ?= sample
+DATASETS ?= $(DATASET)
+export WORK_DIR PYTHONPATH := $(CURDIR)
+
+REQ_STAMP := $(VENV)/.req-$(shell cat requirements.txt | sha1sum | cut -c1-12)
+BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
+
+.PHONY: setup setup-bench test demo sample proposals shards verify stats report pretrain \
+        bench bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods clean
+
+setup: $(REQ_STAMP)
+$(REQ_STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	@rm -f $(VENV)/.req-* && touch $@
+
+setup-bench: $(BENCH_STAMP)
+$(BENCH_STAMP): requirements-bench.txt $(REQ_STAMP)
+	$(PY) -m pip install -q -r requirements-bench.txt
+	@rm -f $(VENV)/.bench-* && touch $@
+
+test: setup
+	$(PY) -m pytest
+
+# The main job end to end on the built-in sample.
+demo: setup
+	$(MAKE) proposals DATASET=sample
+	$(MAKE) shards DATASET=sample
+	$(MAKE) verify DATASET=sample
+
+sample: setup
+	$(PY) -m preprocess.sample --out $(WORK_DIR)/sample/raw
+
+proposals: setup
+	$(PY) -m preprocess.job --dataset $(DATASET)
+
+shards: setup
+	$(PY) -m shards.write --dataset $(DATASET)
+
+verify: setup
+	$(PY) -m shards.verify --dataset $(DATASET)
+
+bench: bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods
+
+bench-preprocess: setup setup-bench
+	$(PY) -m bench.preprocess
+
+bench-shards: setup
+	$(PY) -m bench.shards
+
+clean:
+	rm -rf $(WORK_DIR)
