@@ -1,0 +1,1 @@
+"""Networks shared by the pretraining methods: ResNet backbones, FPN, R-CNN head, MLPs."""
