@@ -20,3 +20,13 @@ def coco128_root() -> Path:
         pytest.skip(f"coco128 not found at {COCO128} (../shared/data/coco128 absent): "
                     "real-photo test skipped; the built-in sample tests still ran")
     return COCO128
+
+
+@pytest.fixture(scope="session")
+def sample_raw(tmp_path_factory) -> Path:
+    """Root of a small built-in sample (preprocess.sample, seed 0): 10 scene + 4 object-centric
+    images, sides 128-192 px, COCO JSON at annotations/instances_sample.json. Read-only: copy
+    it before modifying. Use `preprocess.datasets.list_images("sample", root)` to list it."""
+    from preprocess.sample import generate
+    return generate(tmp_path_factory.mktemp("sample_raw"), n_scene=10, n_object=4, seed=0,
+                    min_side=128, max_side=192)

@@ -1,0 +1,126 @@
+"""Robust image decoding: every input becomes 8-bit RGB in its EXIF-oriented frame.
+
+Why one module: the proposals, the segments and the stored JPEG must all refer to the same
+pixels, so the Ray job and the shard writer both decode through here.
+
+Pixel limit: images above MAX_PIXELS (default 64 megapixels, override with the
+REGIONSSL_MAX_PIXELS environment variable) are refused before their pixels are decoded, which
+guards against decompression bombs (a small file that expands to gigabytes). A 64 MP RGB
+image is 192 MB decoded; raise the limit only with memory to match.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 64_000_000
+STORED_JPEG_QUALITY = 95
+
+
+class DecodeError(ValueError):
+    """An image that cannot become RGB pixels; the message names the file and the fix."""
+
+
+def max_pixels() -> int:
+    return int(os.environ.get("REGIONSSL_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+
+
+def _open(path, data: bytes | None = None) -> Image.Image:
+    path = Path(path)
+    try:
+        if data is None:
+            data = path.read_bytes()
+    except OSError as e:
+        raise DecodeError(f"{path}: cannot read the file ({e.strerror or e}); check it exists "
+                          "and is readable") from e
+    if not data:
+        raise DecodeError(f"{path}: zero-byte file; re-copy or remove it")
+    limit = max_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > limit:
+                raise DecodeError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} "
+                                  "(decompression-bomb guard); downscale the image or raise "
+                                  "REGIONSSL_MAX_PIXELS")
+            img.load()
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"{path}: {e}; downscale the image or raise REGIONSSL_MAX_PIXELS") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError(f"{path}: not a decodable image ({e}); the file is truncated, "
+                          "corrupt or not an image: re-download or remove it") from e
+    return img
+
+
+def _high_bit_depth_to_8(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float grayscale to 8-bit L, by range, not by clipping."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = np.clip(arr, 0.0, 1.0) * 255.0 if arr.max(initial=0) <= 1.0 else np.clip(arr, 0, 255)
+    elif arr.max(initial=0) > 255 or img.mode.startswith("I;16"):
+        arr = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB. Transparency is composited over white, not dropped, so hidden
+    colour under alpha 0 cannot leak into the pixels."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        img = _high_bit_depth_to_8(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path, data: bytes | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB, EXIF orientation applied. Raises DecodeError naming the file."""
+    img = _open(path, data)
+    try:
+        oriented = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not lose the image: keep the stored frame
+        oriented = img
+    return np.asarray(to_rgb(oriented), dtype=np.uint8)
+
+
+def exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
+
+
+def stored_jpeg(path, quality: int = STORED_JPEG_QUALITY, data: bytes | None = None) -> tuple[bytes, np.ndarray]:
+    """(JPEG bytes to store, the RGB pixels those bytes decode to).
+
+    The source bytes are kept when the file is already a plain RGB JPEG with no EXIF
+    rotation to apply (no re-encode loss); anything else is re-encoded from load_rgb's
+    pixels, so the stored image is exactly the frame every coordinate refers to."""
+    path = Path(path)
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DecodeError(f"{path}: cannot read the file ({e.strerror or e}); check it "
+                              "exists and is readable") from e
+    img = _open(path, data)
+    if img.format == "JPEG" and img.mode == "RGB" and exif_orientation(img) == 1:
+        return data, np.asarray(img, dtype=np.uint8)
+    rgb = load_rgb(path, data)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    encoded = buf.getvalue()
+    return encoded, np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), dtype=np.uint8)
