@@ -1,0 +1,126 @@
+"""DetCon-B and DetCon-S (Hénaff et al. 2021): contrast features pooled inside
+unsupervised masks instead of whole views.
+
+The variant comes from config (`method.variant: b | s`):
+- B: BYOL-style online encoder + projector + predictor against an EMA target.
+- S: one shared encoder + projector (SimCLR style); both views act as prediction
+  and as target, and gradients flow through both (including the cross-rank gather).
+
+Mask handling follows the official code (methods.md 2.4): each view's label map is
+area-pooled onto the backbone's output grid and every cell takes the id with the
+largest area (ties: the smallest id); 16 ids are drawn uniformly with replacement
+among the ids present on the grid, independently per view; the same ids serve the
+online and the target branch; features are averaged inside each drawn mask.
+The loss is `byol_nce_detcon` (methods.md 2.6) written in torch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INFINITY = 1e9  # what the official loss subtracts from the trivial same-view logits
+
+
+# --- masks on the feature grid ---------------------------------------------------------
+def masks_to_grid(masks: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Reduce label maps [B,H,W] (int ids >= 0) to the feature grid [B,h,w].
+
+    Each pixel (y, x) falls in cell (y*h//H, x*w//W): for H divisible by h this is
+    the official VALID average pool with window = stride. The cell takes the id
+    covering most of its pixels (smallest id on ties), i.e. avg-pool + argmax.
+    Works for any id range (16-bit FH ids, MCG, GT) without a one-hot of all ids."""
+    if masks.dim() != 3 or masks.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"detcon masks must be integer [B,H,W] label maps, got {tuple(masks.shape)} {masks.dtype}")
+    masks = masks.long()
+    if masks.numel() and int(masks.min()) < 0:
+        raise ValueError("detcon masks contain negative ids; the loader's detcon recipe must emit label ids >= 0 "
+                         "for every pixel (use mask source 'grid' if a dataset has no segments)")
+    B, H, W = masks.shape
+    h, w = grid_hw
+    if h > H or w > W:
+        raise ValueError(f"feature grid {h}x{w} is finer than the mask {H}x{W}; use a larger image_size")
+    cy = torch.arange(H, device=masks.device) * h // H
+    cx = torch.arange(W, device=masks.device) * w // W
+    cell = (cy[:, None] * w + cx[None, :]).expand(B, H, W)
+    group = torch.arange(B, device=masks.device)[:, None, None] * (h * w) + cell      # (image, cell)
+    span = int(masks.max()) + 1 if masks.numel() else 1
+    keys, counts = torch.unique(group * span + masks, return_counts=True)             # (image, cell, id) -> pixels
+    key_group, key_id = keys // span, keys % span
+    best = torch.zeros(B * h * w, dtype=counts.dtype, device=masks.device)
+    best = best.scatter_reduce(0, key_group, counts, reduce="amax")
+    candidate = torch.where(counts == best[key_group], key_id, torch.full_like(key_id, span))
+    label = torch.full((B * h * w,), span, dtype=torch.long, device=masks.device)
+    label = label.scatter_reduce(0, key_group, candidate, reduce="amin")
+    return label.view(B, h, w)
+
+
+def sample_mask_ids(cells: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw `num_samples` ids per image uniformly with replacement among the ids
+    present on the grid `cells` [B,h,w] (every cell belongs to exactly one mask)."""
+    B = cells.shape[0]
+    flat, _ = cells.reshape(B, -1).sort(dim=1)
+    first = torch.ones_like(flat, dtype=torch.bool)
+    first[:, 1:] = flat[:, 1:] != flat[:, :-1]
+    n_present = first.sum(dim=1)                                           # >= 1 per image
+    # present ids first (in id order), repeated cells after them
+    order = torch.argsort((~first).to(torch.int8), dim=1, stable=True)
+    present = flat.gather(1, order)
+    u = torch.rand(B, num_samples, generator=generator, device="cpu").to(cells.device)
+    pick = torch.minimum((u * n_present[:, None]).long(), n_present[:, None] - 1)  # float rounding guard
+    return present.gather(1, pick)
+
+
+def pool_in_masks(features: torch.Tensor, cells: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean of `features` [B,C,h,w] inside each mask `ids` [B,M] of `cells` [B,h,w] -> [B,M,C]."""
+    B, C = features.shape[:2]
+    binary = (cells.reshape(B, 1, -1) == ids[:, :, None]).to(features.dtype)   # [B,M,hw]
+    area = binary.sum(dim=2, keepdim=True).clamp(min=1)
+    return torch.bmm(binary / area, features.reshape(B, C, -1).transpose(1, 2))
+
+
+# --- loss --------------------------------------------------------------------------------
+def _same(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B,M] x [B,M] -> [B,M,1,M]: 1 where the ids agree within the same image."""
+    return (x[:, :, None] == y[:, None, :]).to(dtype)[:, :, None, :]
+
+
+def _one_side(pred, target_other, target_same, pind, tind_other, tind_same, own, temperature):
+    """Cross-entropy of view a's predictions against [target b (positives), target a]."""
+    B, M = pind.shape
+    logits_ab = torch.einsum("bmd,cnd->bmcn", pred, target_other) / temperature
+    logits_aa = torch.einsum("bmd,cnd->bmcn", pred, target_same) / temperature
+    labels_ab = own * _same(pind, tind_other, own.dtype)
+    logits_aa = logits_aa - INFINITY * (own * _same(pind, tind_same, own.dtype))   # drop the trivial match
+    logits = torch.cat([logits_ab, logits_aa], dim=2).reshape(B, M, -1)
+    labels = torch.cat([labels_ab, torch.zeros_like(logits_aa)], dim=2).reshape(B, M, -1)
+    n_pos = labels.sum(dim=-1)
+    labels = labels / n_pos.clamp(min=1)[..., None]
+    duplicates = _same(pind, pind, own.dtype).sum(dim=(2, 3))                      # how often each id was drawn
+    weights = (n_pos > 1e-3).to(own.dtype) / duplicates
+    ce = -(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+    return (weights * ce).mean()
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def detcon_loss(pred1, pred2, target1, target2, pind1, pind2, tind1, tind2, *,
+                offset: int = 0, temperature: float = 0.1) -> torch.Tensor:
+    """DetCon contrastive loss (`byol_nce_detcon`, local negatives on).
+
+    pred1/pred2 [B,M,D]: this rank's predictions; target1/target2 [B',M,D]: targets
+    gathered over all ranks (B' = world*B) in rank order; pind*/tind* [B,M]: this rank's
+    mask ids; `offset` = where this rank's images start in the gathered batch.
+    Half-precision inputs are computed in float32 (the -1e9 mask needs it)."""
+    if abs(temperature) < 1e-8:
+        raise ValueError("detcon temperature must be non-zero (default 0.1)")
+    B, Bg = pred1.shape[0], target1.shape[0]
+    if not 0 <= offset <= Bg - B:
+        raise ValueError(f"offset {offset} does not place {B} local images inside {Bg} gathered targets")
+    with torch.autocast(pred1.device.type, enabled=False):
+        pred1, pred2, target1, target2 = (F.normalize(_at_least_fp32(t), dim=-1)
+                                          for t in (pred1, pred2, target1, target2))
+        own = F.one_hot(torch.arange(B, device=pred1.device) + offset, Bg).to(pred1.dtype)[:, None, :, None]
+        return (_one_side(pred1, target2, target1, pind1, tind2, tind1, own, temperature)
+                + _one_side(pred2, target1, target2, pind2, tind1, tind2, own, temperature))
