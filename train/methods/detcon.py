@@ -16,7 +16,13 @@ The loss is `byol_nce_detcon` (methods.md 2.6) written in torch.
 from __future__ import annotations
 
 import torch
+import torch.distributed.nn
 import torch.nn.functional as F
+from torch import nn
+
+from train.methods import Method, cosine_momentum, ema_update, make_target
+from train.models.backbone import build_backbone
+from train.models.heads import MLP
 
 INFINITY = 1e9  # what the official loss subtracts from the trivial same-view logits
 
@@ -124,3 +130,105 @@ def detcon_loss(pred1, pred2, target1, target2, pind1, pind2, tind1, tind2, *,
         own = F.one_hot(torch.arange(B, device=pred1.device) + offset, Bg).to(pred1.dtype)[:, None, :, None]
         return (_one_side(pred1, target2, target1, pind1, tind2, tind1, own, temperature)
                 + _one_side(pred2, target1, target2, pind2, tind1, tind2, own, temperature))
+
+
+# --- the method --------------------------------------------------------------------------
+RECIPE = "detcon"
+DEFAULTS = dict(variant="b", num_samples=16, temperature=0.1, hidden_dim=4096, dim=256,
+                base_momentum=0.996, gather=True)
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
+    """All ranks' `x` concatenated in rank order, and where this rank's rows start.
+    `with_grad` (DetCon-S) backpropagates into every rank's copy (summed over ranks,
+    so DDP's gradient average gives the mean of the per-rank losses)."""
+    rank, world = _world()
+    if world == 1:
+        return x, 0
+    if with_grad:
+        parts = torch.distributed.nn.functional.all_gather(x.contiguous())
+    else:
+        parts = [torch.empty_like(x) for _ in range(world)]
+        with torch.no_grad():
+            torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(list(parts)), rank * x.shape[0]
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """DetCon's projector/predictor: Linear -> BN -> ReLU -> Linear without bias (2.5)."""
+    mlp = MLP(in_dim, hidden_dim, out_dim, bn=True)
+    mlp[-1] = nn.Linear(hidden_dim, out_dim, bias=False)
+    return mlp
+
+
+class DetCon(Method):
+    optimizer = "lars"   # methods.md 2.8: 1-D parameters skip decay and adaptation (Method default)
+
+    def __init__(self, backbone: nn.Module, variant: str, num_samples: int, temperature: float,
+                 hidden_dim: int, dim: int, base_momentum: float, gather: bool):
+        super().__init__()
+        if variant not in ("b", "s"):
+            raise ValueError(f"detcon.variant must be 'b' (BYOL-style) or 's' (SimCLR-style), got {variant!r}")
+        self.variant, self.num_samples, self.temperature = variant, num_samples, temperature
+        self.base_momentum, self.gather = base_momentum, gather
+        self.backbone = backbone
+        self.projector = _mlp(backbone.out_channels[-1], hidden_dim, dim)
+        if variant == "b":
+            self.predictor = _mlp(dim, hidden_dim, dim)
+            self.target_backbone, self.target_projector = make_target(backbone), make_target(self.projector)
+
+    def momentum_update(self, step: int, total_steps: int) -> None:
+        if self.variant == "b":
+            m = cosine_momentum(step, total_steps, self.base_momentum)
+            ema_update(self.backbone, self.target_backbone, m)
+            ema_update(self.projector, self.target_projector, m)
+
+    def _embed(self, backbone, projector, feature_map, cells, ids) -> torch.Tensor:
+        pooled = pool_in_masks(feature_map, cells, ids)                               # [B,M,C]
+        return projector(pooled.flatten(0, 1)).view(*ids.shape, -1)
+
+    def forward(self, batch: dict) -> dict:
+        views = (batch["view1"], batch["view2"])
+        maps = [self.backbone.features(v)[-1] for v in views]
+        cells = [masks_to_grid(batch[k].to(v.device), f.shape[-2:])
+                 for k, v, f in zip(("mask1", "mask2"), views, maps)]
+        ids = [sample_mask_ids(c, self.num_samples) for c in cells]       # views draw independently
+        z = [self._embed(self.backbone, self.projector, f, c, i) for f, c, i in zip(maps, cells, ids)]
+        if self.variant == "b":
+            pred = [self.predictor(t.flatten(0, 1)).view(t.shape) for t in z]
+            with torch.no_grad():                                           # same ids as the online branch
+                target = [self._embed(self.target_backbone, self.target_projector,
+                                      self.target_backbone.features(v)[-1], c, i)
+                          for v, c, i in zip(views, cells, ids)]
+        else:
+            pred = target = z                                               # DetCon-S: shared, grads both ways
+        offset = 0
+        if self.gather:
+            (t1, offset), (t2, _) = (gather(t, with_grad=self.variant == "s") for t in target)
+            target = [t1, t2]
+        loss = detcon_loss(pred[0], pred[1], target[0], target[1], ids[0], ids[1], ids[0], ids[1],
+                           offset=offset, temperature=self.temperature)
+        return dict(loss=loss, masks_per_image=sum(_count_masks(c) for c in cells) / 2)
+
+
+def _count_masks(cells: torch.Tensor) -> float:
+    """Mean number of distinct masks per image on the feature grid (a log for tuning mask sources)."""
+    flat = cells.flatten(1).sort(dim=1).values
+    return float((flat[:, 1:] != flat[:, :-1]).sum(dim=1).add(1).float().mean())
+
+
+def build(cfg: dict) -> DetCon:
+    opts = {**DEFAULTS, **(cfg.get("detcon") or {})}
+    unknown = set(opts) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown detcon options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    model = cfg.get("model") or {}
+    backbone = build_backbone(model.get("backbone", "resnet50"), width=model.get("width", 64),
+                              zero_init_residual=model.get("zero_init_residual", True))
+    return DetCon(backbone, **opts)

@@ -1,0 +1,130 @@
+"""MaskCo and MaskCo(+in) (Zhao et al. 2021, methods.md 3): contrastive mask prediction.
+
+A box of the query view is zeroed (by the loader); the query path (backbone ->
+mask prediction head -> RoIAlign on the masked box -> MoCo v2 projection head) must
+pick the same region's feature from the unmasked key view (momentum encoder, no
+MPH, RoIAlign on 17 key boxes) out of negatives: by default the 16 negative key
+boxes (1..16) of every other image in the batch, optionally gathered across ranks;
+MaskCo(+in) also uses the 16 boxes of the same image. InfoNCE at temperature 0.2,
+key momentum 0.999, SGD lr 0.03 momentum 0.9 weight decay 1e-3 (as the paper prints)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+from torchvision.ops import roi_align
+
+from train.methods import Method, ema_update, make_target
+from train.models.backbone import build_backbone
+from train.models.heads import MLP
+
+RECIPE = "maskco"
+
+
+def maskco_loss(q: torch.Tensor, keys: torch.Tensor, *, offset: int = 0, temperature: float = 0.2,
+                intra: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE of the masked-box queries against key-box features.
+
+    q [B,D]: this rank's query features (unit norm); keys [B',17,D]: key-box features
+    (unit norm) of all images whose boxes serve as negatives, this rank's images at
+    rows offset..offset+B-1; box 0 is each image's positive. Negatives: boxes 1..16 of
+    every other image, plus (intra=True) boxes 1..16 of the same image.
+    Returns (loss, top-1 accuracy of the positive)."""
+    B, Bg = q.shape[0], keys.shape[0]
+    if keys.dim() != 3 or keys.shape[1] < 2:
+        raise ValueError(f"maskco keys must be [B,1+negatives,D], got {tuple(keys.shape)}")
+    if not 0 <= offset <= Bg - B:
+        raise ValueError(f"offset {offset} does not place {B} local images inside {Bg} key rows")
+    with torch.autocast(q.device.type, enabled=False):
+        q, keys = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q, keys.to(q.dtype)
+        own = torch.arange(B, device=q.device) + offset
+        l_pos = (q * keys[own, 0]).sum(dim=1, keepdim=True)                   # [B,1]
+        l_neg = torch.einsum("bd,cnd->bcn", q, keys[:, 1:])                    # [B,B',16]
+        if not intra:
+            same_image = F.one_hot(own, Bg).bool()[:, :, None].expand_as(l_neg)
+            l_neg = l_neg.masked_fill(same_image, float("-inf"))           # drop, not down-weight
+        logits = torch.cat([l_pos, l_neg.reshape(B, -1)], dim=1) / temperature
+        labels = torch.zeros(B, dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == 0).float().mean()
+
+
+def mask_prediction_head(channels: int, num_blocks: int) -> nn.Sequential:
+    """`num_blocks` bottleneck blocks (1x1-3x3-1x1, ResNet conv5-shaped: width
+    channels/4, expansion 4) keeping the channel count; 0 blocks = identity (ablation)."""
+    if not 0 <= num_blocks <= 8:
+        raise ValueError(f"maskco mph_blocks must be in 0..8 (paper: 0..4, default 3), got {num_blocks}")
+    if num_blocks and channels % 4:
+        raise ValueError(f"maskco MPH needs backbone channels divisible by 4, got {channels}")
+    return nn.Sequential(*[Bottleneck(channels, channels // 4) for _ in range(num_blocks)])
+
+
+def box_features(features: torch.Tensor, boxes: torch.Tensor, image_size: int, roi_size: int) -> torch.Tensor:
+    """RoIAlign (aligned) of boxes [B,K,4] given in view pixels, then average pooled: [B,K,C]."""
+    B, K = boxes.shape[:2]
+    scale = features.shape[-1] / image_size
+    rois = torch.cat([torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(K)[:, None],
+                      boxes.reshape(-1, 4)], dim=1)
+    pooled = roi_align(features, rois.to(features.dtype), roi_size, spatial_scale=scale,
+                       sampling_ratio=2, aligned=True)
+    return pooled.mean(dim=(2, 3)).view(B, K, -1)
+
+
+# --- the method --------------------------------------------------------------------------
+DEFAULTS = dict(intra=False, mph_blocks=3, dim=128, hidden_dim=None, roi_size=7,
+                momentum=0.999, temperature=0.2, gather=False)
+
+
+class MaskCo(Method):
+    optimizer = "sgd"
+
+    def __init__(self, backbone: nn.Module, intra: bool, mph_blocks: int, dim: int, hidden_dim: int | None,
+                 roi_size: int, momentum: float, temperature: float, gather: bool):
+        super().__init__()
+        channels = backbone.out_channels[-1]
+        self.backbone = backbone
+        self.mph = mask_prediction_head(channels, mph_blocks)                    # query path only
+        self.head = MLP(channels, hidden_dim or channels, dim, bn=False)          # MoCo v2 head
+        self.key_backbone, self.key_head = make_target(backbone), make_target(self.head)
+        self.intra, self.roi_size, self.momentum = intra, roi_size, momentum
+        self.temperature, self.gather = temperature, gather
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """As MoCo v2 (OpenSelfSup): plain SGD decaying every trainable parameter."""
+        return [dict(params=[p for p in self.parameters() if p.requires_grad],
+                     weight_decay=weight_decay, lars=False)]
+
+    def momentum_update(self, step: int, total_steps: int) -> None:
+        ema_update(self.backbone, self.key_backbone, self.momentum)
+        ema_update(self.head, self.key_head, self.momentum)
+
+    def forward(self, batch: dict) -> dict:
+        query, key = batch["query"], batch["key"]
+        query_box = batch["query_box"].to(query.device, torch.float32)[:, None]      # [B,1,4]
+        key_boxes = batch["key_boxes"].to(key.device, torch.float32)                 # [B,17,4]
+        fq = self.mph(self.backbone.features(query)[-1])
+        q = F.normalize(self.head(box_features(fq, query_box, query.shape[-1], self.roi_size)[:, 0]), dim=1)
+        with torch.no_grad():
+            fk = self.key_backbone.features(key)[-1]
+            k = F.normalize(self.key_head(box_features(fk, key_boxes, key.shape[-1], self.roi_size)), dim=-1)
+            k, offset = gather_no_grad(k) if self.gather else (k, 0)
+        loss, acc = maskco_loss(q, k, offset=offset, temperature=self.temperature, intra=self.intra)
+        return dict(loss=loss, acc=acc.item())
+
+
+def gather_no_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Key features of every rank (rank order) and where this rank's rows start."""
+    from train.methods.mocov2 import _world, gather_no_grad as gather
+    rank, _ = _world()
+    return gather(x), rank * x.shape[0]
+
+
+def build(cfg: dict) -> MaskCo:
+    opts = {**DEFAULTS, **(cfg.get("maskco") or {})}
+    unknown = set(opts) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown maskco options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    model = cfg.get("model") or {}
+    backbone = build_backbone(model.get("backbone", "resnet50"), width=model.get("width", 64),
+                              zero_init_residual=model.get("zero_init_residual", False))
+    return MaskCo(backbone, **opts)

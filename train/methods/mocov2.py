@@ -1,0 +1,165 @@
+"""MoCo v2 (Chen et al. 2020), the image-level baseline the region methods compare
+against (methods.md 6): query encoder + MLP head, momentum key encoder (m = 0.999,
+constant), a FIFO queue of 65536 keys as negatives, InfoNCE at temperature 0.2,
+SGD lr 0.03 momentum 0.9 weight decay 1e-4 with a cosine schedule.
+
+Shuffled BN (keys shuffled across ranks before the key encoder so BN statistics
+cannot leak the positive) needs several CUDA ranks; on CPU/gloo or one rank it is
+skipped and the run says so once."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.methods import Method, ema_update, make_target
+from train.models.backbone import build_backbone
+from train.models.heads import MLP
+
+RECIPE = "mocov2"
+
+
+class KeyQueue(nn.Module):
+    """MoCo's dictionary: a ring buffer of the `size` most recent keys.
+
+    Keys enter at `ptr` and the oldest are overwritten first; a batch that runs past
+    the end wraps to the start (the original asserts size % batch == 0 instead).
+    Stored as buffers so checkpoints carry it and resume continues the same queue."""
+
+    def __init__(self, dim: int, size: int):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"queue size must be >= 1, got {size} (mocov2.queue_size)")
+        self.size = size
+        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        keys = keys.detach()[-self.size:]              # a batch larger than the queue keeps its newest
+        slots = (self.ptr + torch.arange(len(keys), device=keys.device)) % self.size
+        self.keys[slots] = keys.to(self.keys.dtype)
+        self.ptr.copy_((self.ptr + len(keys)) % self.size)
+
+    def oldest_first(self) -> torch.Tensor:
+        """The queue in dequeue order (next to be overwritten first)."""
+        return torch.roll(self.keys, -int(self.ptr), dims=0)
+
+
+def infonce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo loss: logits [q.k+, q.negatives] / T, label 0. q, k [N,D]; negatives [K,D].
+    Returns (loss, top-1 accuracy of the positive)."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, negatives = q.float(), k.float(), negatives.float()
+        l_pos = (q * k).sum(dim=1, keepdim=True)
+        logits = torch.cat([l_pos, q @ negatives.t()], dim=1) / temperature
+        labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, labels), (logits.argmax(dim=1) == 0).float().mean()
+
+
+# --- across ranks ------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every rank in rank order (no gradient; MoCo's concat_all_gather)."""
+    _, world = _world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def shuffle_across_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each rank a random slice of the global batch (permutation from rank 0)
+    so the key encoder's BN statistics mix images from every rank. Returns the
+    local shuffled batch and the inverse permutation for `unshuffle_across_ranks`."""
+    rank, world = _world()
+    x_all = gather_no_grad(x)
+    perm = torch.randperm(len(x_all), device=x.device)
+    torch.distributed.broadcast(perm, src=0)
+    return x_all[perm.view(world, -1)[rank]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def unshuffle_across_ranks(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    rank, world = _world()
+    return gather_no_grad(y)[inverse.view(world, -1)[rank]]
+
+
+def shuffle_bn_mode(setting: str | bool, device: torch.device) -> bool:
+    """Whether to shuffle BN: `auto` = several ranks on CUDA (where MoCo needs it);
+    `true` forces it (tests exercise it on gloo), `false` skips it."""
+    _, world = _world()
+    if setting in (True, "true", "on"):
+        return world > 1
+    if setting in (False, "false", "off"):
+        return False
+    if setting != "auto":
+        raise ValueError(f"mocov2.shuffle_bn must be auto, true or false, got {setting!r}")
+    return world > 1 and device.type == "cuda"
+
+
+# --- the method --------------------------------------------------------------------------
+DEFAULTS = dict(dim=128, hidden_dim=None, queue_size=65536, momentum=0.999, temperature=0.2, shuffle_bn="auto")
+
+
+class MoCoV2(Method):
+    optimizer = "sgd"
+
+    def __init__(self, backbone: nn.Module, dim: int, hidden_dim: int | None, queue_size: int,
+                 momentum: float, temperature: float, shuffle_bn: str | bool):
+        super().__init__()
+        channels = backbone.out_channels[-1]
+        self.backbone = backbone
+        self.head = MLP(channels, hidden_dim or channels, dim, bn=False)       # fc-ReLU-fc, no BN
+        self.key_backbone, self.key_head = make_target(backbone), make_target(self.head)
+        self.queue = KeyQueue(dim, queue_size)
+        self.momentum, self.temperature, self.shuffle_bn = momentum, temperature, shuffle_bn
+        self._said_shuffle = False
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """MoCo decays every trainable parameter (biases and BN included), plain SGD."""
+        return [dict(params=[p for p in self.parameters() if p.requires_grad],
+                     weight_decay=weight_decay, lars=False)]
+
+    def momentum_update(self, step: int, total_steps: int) -> None:
+        ema_update(self.backbone, self.key_backbone, self.momentum)               # constant m
+        ema_update(self.head, self.key_head, self.momentum)
+
+    def _keys(self, images: torch.Tensor) -> torch.Tensor:
+        shuffle = shuffle_bn_mode(self.shuffle_bn, images.device)
+        if not self._said_shuffle:
+            self._said_shuffle = True
+            if not shuffle and _world()[1] > 1 and _world()[0] == 0:
+                print("[mocov2] shuffled BN off (needs several CUDA ranks; set mocov2.shuffle_bn=true "
+                      "to force it): key BN statistics come from each rank's own batch", flush=True)
+        with torch.no_grad():
+            if shuffle:
+                images, inverse = shuffle_across_ranks(images)
+            k = F.normalize(self.key_head(self.key_backbone(images)), dim=1)
+            return unshuffle_across_ranks(k, inverse) if shuffle else k
+
+    def forward(self, batch: dict) -> dict:
+        q = F.normalize(self.head(self.backbone(batch["query"])), dim=1)
+        k = self._keys(batch["key"])
+        loss, acc = infonce(q, k, self.queue.keys.clone(), self.temperature)
+        self.queue.enqueue(gather_no_grad(k))
+        return dict(loss=loss, acc=acc.item())
+
+
+def build(cfg: dict) -> MoCoV2:
+    opts = {**DEFAULTS, **(cfg.get("mocov2") or {})}
+    unknown = set(opts) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown mocov2 options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    model = cfg.get("model") or {}
+    backbone = build_backbone(model.get("backbone", "resnet50"), width=model.get("width", 64),
+                              zero_init_residual=model.get("zero_init_residual", False))
+    return MoCoV2(backbone, **opts)
