@@ -16,10 +16,11 @@ The loss is `byol_nce_detcon` (methods.md 2.6) written in torch.
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from train.distributed import all_gather_with_grad
 from train.methods import Method, cosine_momentum, ema_update, make_target
 from train.models.backbone import build_backbone
 from train.models.heads import MLP
@@ -138,28 +139,6 @@ DEFAULTS = dict(variant="b", num_samples=16, temperature=0.1, hidden_dim=4096, d
                 base_momentum=0.996, gather=True)
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def gather(x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, int]:
-    """All ranks' `x` concatenated in rank order, and where this rank's rows start.
-    `with_grad` (DetCon-S) backpropagates into every rank's copy (summed over ranks,
-    so DDP's gradient average gives the mean of the per-rank losses)."""
-    rank, world = _world()
-    if world == 1:
-        return x, 0
-    if with_grad:
-        parts = torch.distributed.nn.functional.all_gather(x.contiguous())
-    else:
-        parts = [torch.empty_like(x) for _ in range(world)]
-        with torch.no_grad():
-            torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(list(parts)), rank * x.shape[0]
-
-
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """DetCon's projector/predictor: Linear -> BN -> ReLU -> Linear without bias (2.5)."""
     mlp = MLP(in_dim, hidden_dim, out_dim, bn=True)
@@ -174,7 +153,7 @@ class DetCon(Method):
                  hidden_dim: int, dim: int, base_momentum: float, gather: bool):
         super().__init__()
         if variant not in ("b", "s"):
-            raise ValueError(f"detcon.variant must be 'b' (BYOL-style) or 's' (SimCLR-style), got {variant!r}")
+            raise ValueError(f"detcon model.variant must be 'b' (BYOL-style) or 's' (SimCLR-style), got {variant!r}")
         self.variant, self.num_samples, self.temperature = variant, num_samples, temperature
         self.base_momentum, self.gather = base_momentum, gather
         self.backbone = backbone
@@ -209,9 +188,9 @@ class DetCon(Method):
         else:
             pred = target = z                                               # DetCon-S: shared, grads both ways
         offset = 0
-        if self.gather:
-            (t1, offset), (t2, _) = (gather(t, with_grad=self.variant == "s") for t in target)
-            target = [t1, t2]
+        if self.gather and dist.is_initialized():      # DetCon-S: gradients reach every rank's copy
+            offset = dist.get_rank() * target[0].shape[0]
+            target = [all_gather_with_grad(t) for t in target]
         loss = detcon_loss(pred[0], pred[1], target[0], target[1], ids[0], ids[1], ids[0], ids[1],
                            offset=offset, temperature=self.temperature)
         return dict(loss=loss, masks_per_image=sum(_count_masks(c) for c in cells) / 2)
@@ -223,12 +202,16 @@ def _count_masks(cells: torch.Tensor) -> float:
     return float((flat[:, 1:] != flat[:, :-1]).sum(dim=1).add(1).float().mean())
 
 
+BACKBONE_KEYS = dict(backbone="resnet50", width=64, zero_init_residual=True)
+
+
 def build(cfg: dict) -> DetCon:
-    opts = {**DEFAULTS, **(cfg.get("detcon") or {})}
-    unknown = set(opts) - set(DEFAULTS)
+    """Options live under `model:` (as for SoCo): DEFAULTS plus BACKBONE_KEYS."""
+    opts = {**BACKBONE_KEYS, **DEFAULTS, **(cfg.get("model") or {})}
+    unknown = set(opts) - set(DEFAULTS) - set(BACKBONE_KEYS)
     if unknown:
-        raise ValueError(f"unknown detcon options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    model = cfg.get("model") or {}
-    backbone = build_backbone(model.get("backbone", "resnet50"), width=model.get("width", 64),
-                              zero_init_residual=model.get("zero_init_residual", True))
+        raise ValueError(f"unknown detcon model keys {sorted(unknown)}: allowed "
+                         f"{sorted(set(DEFAULTS) | set(BACKBONE_KEYS))}")
+    backbone = build_backbone(opts.pop("backbone"), width=opts.pop("width"),
+                              zero_init_residual=opts.pop("zero_init_residual"))
     return DetCon(backbone, **opts)

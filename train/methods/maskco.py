@@ -10,11 +10,13 @@ key momentum 0.999, SGD lr 0.03 momentum 0.9 weight decay 1e-3 (as the paper pri
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import roi_align
 
+from train.distributed import all_gather_with_grad
 from train.methods import Method, ema_update, make_target
 from train.models.backbone import build_backbone
 from train.models.heads import MLP
@@ -53,7 +55,7 @@ def mask_prediction_head(channels: int, num_blocks: int) -> nn.Sequential:
     """`num_blocks` bottleneck blocks (1x1-3x3-1x1, ResNet conv5-shaped: width
     channels/4, expansion 4) keeping the channel count; 0 blocks = identity (ablation)."""
     if not 0 <= num_blocks <= 8:
-        raise ValueError(f"maskco mph_blocks must be in 0..8 (paper: 0..4, default 3), got {num_blocks}")
+        raise ValueError(f"maskco model.mph_blocks must be in 0..8 (paper: 0..4, default 3), got {num_blocks}")
     if num_blocks and channels % 4:
         raise ValueError(f"maskco MPH needs backbone channels divisible by 4, got {channels}")
     return nn.Sequential(*[Bottleneck(channels, channels // 4) for _ in range(num_blocks)])
@@ -107,24 +109,23 @@ class MaskCo(Method):
         with torch.no_grad():
             fk = self.key_backbone.features(key)[-1]
             k = F.normalize(self.key_head(box_features(fk, key_boxes, key.shape[-1], self.roi_size)), dim=-1)
-            k, offset = gather_no_grad(k) if self.gather else (k, 0)
+            offset = 0
+            if self.gather and dist.is_initialized():         # negatives from every rank's images
+                offset, k = dist.get_rank() * k.shape[0], all_gather_with_grad(k)
         loss, acc = maskco_loss(q, k, offset=offset, temperature=self.temperature, intra=self.intra)
         return dict(loss=loss, acc=acc.item())
 
 
-def gather_no_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Key features of every rank (rank order) and where this rank's rows start."""
-    from train.methods.mocov2 import _world, gather_no_grad as gather
-    rank, _ = _world()
-    return gather(x), rank * x.shape[0]
+BACKBONE_KEYS = dict(backbone="resnet50", width=64, zero_init_residual=False)
 
 
 def build(cfg: dict) -> MaskCo:
-    opts = {**DEFAULTS, **(cfg.get("maskco") or {})}
-    unknown = set(opts) - set(DEFAULTS)
+    """Options live under `model:` (as for SoCo): DEFAULTS plus BACKBONE_KEYS."""
+    opts = {**BACKBONE_KEYS, **DEFAULTS, **(cfg.get("model") or {})}
+    unknown = set(opts) - set(DEFAULTS) - set(BACKBONE_KEYS)
     if unknown:
-        raise ValueError(f"unknown maskco options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    model = cfg.get("model") or {}
-    backbone = build_backbone(model.get("backbone", "resnet50"), width=model.get("width", 64),
-                              zero_init_residual=model.get("zero_init_residual", False))
+        raise ValueError(f"unknown maskco model keys {sorted(unknown)}: allowed "
+                         f"{sorted(set(DEFAULTS) | set(BACKBONE_KEYS))}")
+    backbone = build_backbone(opts.pop("backbone"), width=opts.pop("width"),
+                              zero_init_residual=opts.pop("zero_init_residual"))
     return MaskCo(backbone, **opts)

@@ -9,9 +9,11 @@ skipped and the run says so once."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from train.distributed import all_gather_with_grad
 from train.methods import Method, ema_update, make_target
 from train.models.backbone import build_backbone
 from train.models.heads import MLP
@@ -29,7 +31,7 @@ class KeyQueue(nn.Module):
     def __init__(self, dim: int, size: int):
         super().__init__()
         if size < 1:
-            raise ValueError(f"queue size must be >= 1, got {size} (mocov2.queue_size)")
+            raise ValueError(f"queue size must be >= 1, got {size} (model.queue_size)")
         self.size = size
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -59,20 +61,7 @@ def infonce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperatu
 
 # --- across ranks ------------------------------------------------------------------------
 def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-@torch.no_grad()
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank in rank order (no gradient; MoCo's concat_all_gather)."""
-    _, world = _world()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 @torch.no_grad()
@@ -81,16 +70,16 @@ def shuffle_across_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     so the key encoder's BN statistics mix images from every rank. Returns the
     local shuffled batch and the inverse permutation for `unshuffle_across_ranks`."""
     rank, world = _world()
-    x_all = gather_no_grad(x)
+    x_all = all_gather_with_grad(x)
     perm = torch.randperm(len(x_all), device=x.device)
-    torch.distributed.broadcast(perm, src=0)
+    dist.broadcast(perm, src=0)
     return x_all[perm.view(world, -1)[rank]], torch.argsort(perm)
 
 
 @torch.no_grad()
 def unshuffle_across_ranks(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     rank, world = _world()
-    return gather_no_grad(y)[inverse.view(world, -1)[rank]]
+    return all_gather_with_grad(y)[inverse.view(world, -1)[rank]]
 
 
 def shuffle_bn_mode(setting: str | bool, device: torch.device) -> bool:
@@ -102,7 +91,7 @@ def shuffle_bn_mode(setting: str | bool, device: torch.device) -> bool:
     if setting in (False, "false", "off"):
         return False
     if setting != "auto":
-        raise ValueError(f"mocov2.shuffle_bn must be auto, true or false, got {setting!r}")
+        raise ValueError(f"model.shuffle_bn must be auto, true or false, got {setting!r}")
     return world > 1 and device.type == "cuda"
 
 
@@ -138,7 +127,7 @@ class MoCoV2(Method):
         if not self._said_shuffle:
             self._said_shuffle = True
             if not shuffle and _world()[1] > 1 and _world()[0] == 0:
-                print("[mocov2] shuffled BN off (needs several CUDA ranks; set mocov2.shuffle_bn=true "
+                print("[mocov2] shuffled BN off (needs several CUDA ranks; set model.shuffle_bn=true "
                       "to force it): key BN statistics come from each rank's own batch", flush=True)
         with torch.no_grad():
             if shuffle:
@@ -150,16 +139,21 @@ class MoCoV2(Method):
         q = F.normalize(self.head(self.backbone(batch["query"])), dim=1)
         k = self._keys(batch["key"])
         loss, acc = infonce(q, k, self.queue.keys.clone(), self.temperature)
-        self.queue.enqueue(gather_no_grad(k))
+        with torch.no_grad():
+            self.queue.enqueue(all_gather_with_grad(k))
         return dict(loss=loss, acc=acc.item())
 
 
+BACKBONE_KEYS = dict(backbone="resnet50", width=64, zero_init_residual=False)
+
+
 def build(cfg: dict) -> MoCoV2:
-    opts = {**DEFAULTS, **(cfg.get("mocov2") or {})}
-    unknown = set(opts) - set(DEFAULTS)
+    """Options live under `model:` (as for SoCo): DEFAULTS plus BACKBONE_KEYS."""
+    opts = {**BACKBONE_KEYS, **DEFAULTS, **(cfg.get("model") or {})}
+    unknown = set(opts) - set(DEFAULTS) - set(BACKBONE_KEYS)
     if unknown:
-        raise ValueError(f"unknown mocov2 options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    model = cfg.get("model") or {}
-    backbone = build_backbone(model.get("backbone", "resnet50"), width=model.get("width", 64),
-                              zero_init_residual=model.get("zero_init_residual", False))
+        raise ValueError(f"unknown mocov2 model keys {sorted(unknown)}: allowed "
+                         f"{sorted(set(DEFAULTS) | set(BACKBONE_KEYS))}")
+    backbone = build_backbone(opts.pop("backbone"), width=opts.pop("width"),
+                              zero_init_residual=opts.pop("zero_init_residual"))
     return MoCoV2(backbone, **opts)
