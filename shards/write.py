@@ -1,0 +1,395 @@
+"""`python -m shards.write --dataset X`: proposals parts -> WebDataset tar shards.
+
+Writes WORK_DIR/<ds>/shards/<ds>-NNNNNN.tar + .idx (DALI index v1.2), index.parquet
+and manifest.json. Samples are shuffled globally with a recorded seed (DALI only
+shuffles inside a small buffer), then cut into shards bounded by a sample count and a
+byte size. Everything is deterministic, so a rerun gives byte-identical files.
+
+Resume: each finished shard leaves `_rows/<ds>-NNNNNN.parquet` (its index rows, the
+range of the shuffled order it covers, its sha256) after its tar and .idx; a rerun
+skips shards that have all three and restarts at the first one missing. manifest.json
+is written last, so its presence means the whole set is complete."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import struct
+import sys
+import zlib
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common.io import (atomic_open, atomic_write_text, remove_stale_temporaries, sha256_bytes,
+                       sha256_file)
+from common.keys import check_key
+from common.paths import proposals_dir, shards_dir
+from common.progress import Progress
+from preprocess.decode import DecodeError, stored_jpeg
+from schemas import SchemaError, table_params, validate
+from schemas.index import INDEX, MANIFEST_VERSION
+from schemas.proposals import PROPOSALS
+from shards.tarfmt import dali_index, dali_index_line, end_of_archive, pack_sample
+
+ROWS_DIR = "_rows"
+PLAN_FILE = "plan.json"
+PACKAGES = ("numpy", "pyarrow", "pillow", "opencv-contrib-python-headless", "webdataset",
+            "nvidia-dali-cuda120", "ray", "torch", "torchvision")
+MEMBER_ORDER = ("jpg", "boxes", "fh.png", "mcg.png", "gt.png", "gt.json", "json")
+STAT_COLUMNS = ("resnet_distance_mean", "resnet_distance_std", "resnet_distance_pairs",
+                "stats_meaningful")
+
+
+@dataclass(frozen=True)
+class PackParams:
+    """Every parameter that changes the bytes of the shards (recorded in the manifest)."""
+    seed: int = 0
+    max_samples: int = 2000          # per shard
+    max_bytes: int = 1 << 30         # per shard (a single larger sample gets its own shard)
+    jpeg_quality: int = 95           # only used when the source must be re-encoded
+    mtime: int = 0                   # of every tar member
+    tar_format: str = "gnu"
+
+
+class SampleError(ValueError):
+    """One image cannot be packed; it becomes a failed index row, the rest go on."""
+
+
+def png_size(data: bytes, what: str) -> tuple[int, int, int]:
+    """(width, height, bit depth) from a PNG's IHDR, without decoding it."""
+    if len(data) < 29 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        raise SampleError(f"{what} is not a PNG")
+    width, height, depth = struct.unpack(">IIB", data[16:25])
+    return width, height, depth
+
+
+def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dict]:
+    """The tar members of one proposals row, and the extra index fields they imply.
+
+    Reads the source image once: its sha256 must match what preprocessing saw, and the
+    stored JPEG must have the size the boxes and label maps refer to."""
+    key, w, h = row["key"], row["width"], row["height"]
+    src = root / row["source_path"]
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise SampleError(f"source image {src} unreadable ({e.strerror or e}); restore it or "
+                          "rerun make proposals") from e
+    if row["sha256"] and sha256_bytes(data) != row["sha256"]:
+        raise SampleError(f"source image {src} changed since make proposals (sha256 differs); "
+                          "rerun make proposals so boxes match the pixels")
+    try:
+        jpeg, rgb = stored_jpeg(src, params.jpeg_quality, data=data)
+    except DecodeError as e:
+        raise SampleError(str(e)) from e
+    if rgb.shape[:2] != (h, w):
+        raise SampleError(f"{src}: decodes to {rgb.shape[1]}x{rgb.shape[0]} but proposals say "
+                          f"{w}x{h}; rerun make proposals")
+    boxes = np.asarray(row["boxes"] or [], dtype=np.float32).reshape(-1, 4)
+    if len(boxes) == 0 or len(boxes) != row["num_boxes"]:
+        raise SampleError(f"{key}: {len(boxes)} boxes (num_boxes={row['num_boxes']}); every "
+                          "image needs >= 1 (whole-image fallback): rerun make proposals")
+    x1, y1, x2, y2 = boxes.T
+    if not (np.isfinite(boxes).all() and (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w).all()
+            and (y2 <= h).all() and (x1 < x2).all() and (y1 < y2).all()):
+        raise SampleError(f"{key}: boxes outside the {w}x{h} image or empty; rerun make proposals")
+    members = [("jpg", jpeg), ("boxes", boxes.astype("<f4").tobytes())]
+    for ext, col in (("fh.png", "fh_png"), ("mcg.png", "mcg_png"), ("gt.png", "gt_png")):
+        png = row[col]
+        if png is None:
+            if col == "gt_png":
+                continue
+            raise SampleError(f"{key}: no {col} in the proposals row; rerun make proposals")
+        pw, ph, depth = png_size(png, f"{key}.{ext}")
+        if (pw, ph) != (w, h) or depth not in (8, 16):
+            raise SampleError(f"{key}.{ext} is {pw}x{ph} {depth}-bit, expected {w}x{h} 8/16-bit; "
+                              "rerun make proposals")
+        members.append((ext, png))
+    if row["gt_json"] is not None:
+        members.append(("gt.json", row["gt_json"].encode("utf-8")))
+    meta = {"key": key, "width": w, "height": h, "source_path": row["source_path"],
+            "sha256": row["sha256"], "num_boxes": len(boxes), "num_segments": row["num_segments"],
+            "num_masks": row["num_masks"], "label": row["label"], "filter_rule": row["filter_rule"],
+            "mask_scores": [float(s) for s in (row["mask_scores"] or [])]}
+    members.append(("json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()))
+    extra = {"jpeg_sha256": sha256_bytes(jpeg), "jpeg_reencoded": jpeg != data,
+             "has_gt": row["gt_json"] is not None}
+    return members, extra
+
+
+def index_row(row: dict, **fields) -> dict:
+    """An INDEX row from a proposals row plus packing fields."""
+    out = {k: row.get(k) for k in ("key", "status", "error", "source_path", "sha256", "width",
+                                    "height", "label", "num_boxes", "filter_rule",
+                                    "num_segments", "num_masks", *STAT_COLUMNS)}
+    out.update(fields)
+    return out
+
+
+def load_parts(pdir: Path) -> tuple[pa.Table, list[dict], dict]:
+    """All parts, validated, as one table; plus their fingerprints and the job's params."""
+    parts = sorted(pdir.glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no proposals parts (part-*.parquet) in {pdir}; run "
+                                "make proposals DATASET=<name> first")
+    job_path = pdir / "_job.json"
+    job = json.loads(job_path.read_text()) if job_path.is_file() else {}
+    tables, fingerprints, params = [], [], {}
+    for p in parts:
+        t = validate(pq.read_table(p), PROPOSALS, str(p))
+        params = params or table_params(t.schema)
+        tables.append(t.replace_schema_metadata(None))
+        fingerprints.append({"name": p.name, "sha256": sha256_file(p), "rows": t.num_rows})
+    table = pa.concat_tables(tables)
+    seen: dict[str, str] = {}
+    for key, fp in zip(table.column("key").to_pylist(),
+                       (f["name"] for f in fingerprints for _ in range(f["rows"]))):
+        check_key(key, str(pdir / fp))
+        if key in seen:
+            raise SchemaError(f"duplicate sample key {key!r} in {pdir / seen[key]} and "
+                              f"{pdir / fp}; rerun make proposals into an empty folder")
+        seen[key] = fp
+    return table, fingerprints, {"job": job, "part_params": params}
+
+
+def dataset_root(job: dict, override, pdir: Path) -> Path:
+    root = override or job.get("root") or job.get("dataset_root")
+    if not root:
+        raise FileNotFoundError(f"{pdir / '_job.json'} does not name the dataset root; pass "
+                                "--root or rerun make proposals")
+    return Path(root)
+
+
+def package_versions() -> dict:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def shuffled_order(keys: list[str], seed: int) -> list[int]:
+    """Positions of `keys` in a global order fixed by the seed alone (not by part layout)."""
+    by_key = sorted(range(len(keys)), key=keys.__getitem__)
+    perm = np.random.default_rng(seed).permutation(len(by_key))
+    return [by_key[i] for i in perm]
+
+
+def write_index(rows: list[dict], path: Path, params: dict) -> None:
+    rows = sorted(rows, key=lambda r: r["key"])
+    table = INDEX.from_rows(rows, params=params)
+    with atomic_open(path) as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+class Writer:
+    def __init__(self, dataset: str, pdir: Path, out: Path, params: PackParams, root=None):
+        self.dataset, self.pdir, self.out, self.params = dataset, Path(pdir), Path(out), params
+        self.rows_dir = self.out / ROWS_DIR
+        self.table, self.inputs, self.preprocessing = load_parts(self.pdir)
+        self.root = dataset_root(self.preprocessing["job"], root, self.pdir)
+        status = self.table.column("status").to_pylist()
+        self.ok = [i for i, s in enumerate(status) if s == "ok"]
+        keys = self.table.column("key").to_pylist()
+        self.order = [self.ok[i] for i in shuffled_order([keys[i] for i in self.ok], params.seed)]
+        self.failed = [i for i, s in enumerate(status) if s != "ok"]
+
+    def row(self, i: int) -> dict:
+        return self.table.slice(i, 1).to_pylist()[0]
+
+    def shard_name(self, n: int) -> str:
+        return f"{self.dataset}-{n:06d}.tar"
+
+    def plan(self) -> dict:
+        return {"dataset": self.dataset, "packing": asdict(self.params), "inputs": self.inputs}
+
+    def check_plan(self, overwrite: bool) -> None:
+        """Refuse to mix shards of other inputs or parameters into this set."""
+        plan_path = self.rows_dir / PLAN_FILE
+        plan = json.dumps(self.plan(), sort_keys=True, indent=1)
+        if plan_path.is_file() and plan_path.read_text() != plan:
+            if not overwrite:
+                raise SystemExit(f"{self.out} holds shards of other inputs or parameters "
+                                 f"(see {plan_path}); rerun with --overwrite to replace them, "
+                                 "or pass the same parameters to resume")
+        if overwrite:
+            for p in list(self.out.glob(f"{self.dataset}-*.tar")) + list(
+                    self.out.glob(f"{self.dataset}-*.idx")):
+                p.unlink()
+            for name in ("index.parquet", "manifest.json"):
+                (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.rows_dir, ignore_errors=True)
+        self.rows_dir.mkdir(parents=True, exist_ok=True)
+        if not plan_path.is_file():
+            atomic_write_text(plan_path, plan)
+
+    def finished_shards(self) -> list[dict]:
+        """Records of the leading run of complete shards (tar, idx and rows all present)."""
+        done = []
+        while True:
+            name = self.shard_name(len(done))
+            tar, rows = self.out / name, self.rows_dir / name.replace(".tar", ".parquet")
+            if not (rows.is_file() and tar.is_file() and tar.with_suffix(".idx").is_file()):
+                return done
+            record = json.loads(pq.read_schema(rows).metadata[b"shard"])
+            if tar.stat().st_size != record["bytes"]:
+                return done
+            done.append(record | {"rows": pq.read_table(rows).to_pylist()})
+
+    def run(self, overwrite: bool = False) -> dict:
+        remove_stale_temporaries(self.out)
+        remove_stale_temporaries(self.rows_dir)
+        self.check_plan(overwrite)
+        shards = self.finished_shards()
+        pos = shards[-1]["end"] if shards else 0
+        progress = Progress(f"shards {self.dataset}", len(self.order), unit="img")
+        progress.update(pos, force=bool(pos))
+        tail_failures: list[dict] = []
+        pending = None
+        while pos < len(self.order) or pending is not None:
+            record, pos, pending, failures = self.write_shard(len(shards), pos, pending, progress)
+            if record is None:
+                tail_failures = failures
+                break
+            shards.append(record)
+        return self.finish(shards, tail_failures, progress)
+
+    def next_sample(self, pos: int, failures: list, progress: Progress):
+        """The next packable sample from `pos` on, as (row, members, extra, its position),
+        and the position after it; unpackable ones are recorded in `failures`."""
+        while pos < len(self.order):
+            row = self.row(self.order[pos])
+            pos += 1
+            try:
+                members, extra = sample_members(row, self.root, self.params)
+                return (row, members, extra, pos - 1), pos
+            except SampleError as e:
+                failures.append(index_row(row, status="failed", error=f"packing: {e}"))
+                progress.update()
+        return None, pos
+
+    def write_shard(self, number: int, pos: int, pending, progress: Progress):
+        """Write shard `number` from `pending` (a sample that did not fit the last shard)
+        or from order position `pos`. Returns (record or None, next pos, next pending,
+        failures); record is None when no packable sample was left."""
+        failures: list[dict] = []
+        start = pending[3] if pending is not None else pos
+        if pending is None:
+            pending, pos = self.next_sample(pos, failures, progress)
+            if pending is None:
+                return None, pos, None, failures
+        name = self.shard_name(number)
+        rows, idx_lines, size = [], [], 0
+        digest = hashlib.sha256()
+        with atomic_open(self.out / name) as f:
+            while pending is not None:
+                row, members, extra, _ = pending
+                data, entries = pack_sample(row["key"], members, size, self.params.mtime)
+                grown = size + len(data)
+                if rows and (len(rows) >= self.params.max_samples
+                             or grown + len(end_of_archive(grown)) > self.params.max_bytes):
+                    break
+                f.write(data)
+                digest.update(data)
+                rows.append(index_row(row, status="ok", error=None, shard=name,
+                                      position=len(rows), tar_offset=size, tar_size=len(data),
+                                      crc32=zlib.crc32(data), members=entries, **extra))
+                idx_lines.append(dali_index_line(row["key"], entries))
+                size += len(data)
+                progress.update()
+                pending, pos = self.next_sample(pos, failures, progress)
+            tail = end_of_archive(size)
+            f.write(tail)
+            digest.update(tail)
+        end = pending[3] if pending is not None else pos
+        atomic_write_text((self.out / name).with_suffix(".idx"), dali_index(idx_lines))
+        record = {"name": name, "sha256": digest.hexdigest(), "bytes": size + len(tail),
+                  "num_samples": len(rows), "start": start, "end": end}
+        table = INDEX.from_rows(rows + failures)
+        table = table.replace_schema_metadata(table.schema.metadata | {
+            b"shard": json.dumps(record, sort_keys=True).encode()})
+        with atomic_open(self.rows_dir / name.replace(".tar", ".parquet")) as rf:
+            pq.write_table(table, rf, compression="zstd")
+        return record | {"rows": rows + failures}, pos, pending, failures
+
+    def finish(self, shards: list[dict], tail_failures: list[dict], progress: Progress) -> dict:
+        for stale in sorted(self.out.glob(f"{self.dataset}-*.tar")):
+            number = stale.stem.rsplit("-", 1)[-1]
+            if number.isdigit() and int(number) >= len(shards):
+                for p in (stale, stale.with_suffix(".idx"),
+                          self.rows_dir / stale.with_suffix(".parquet").name):
+                    p.unlink(missing_ok=True)
+        rows = [r for s in shards for r in s["rows"]] + tail_failures
+        rows += [index_row(self.row(i)) for i in self.failed]
+        params = {"dataset": self.dataset, "packing": asdict(self.params)}
+        write_index(rows, self.out / "index.parquet", params)
+        packed = sum(s["num_samples"] for s in shards)
+        manifest = {
+            "schema_version": MANIFEST_VERSION,
+            "dataset": self.dataset,
+            "num_samples": packed,
+            "num_failed": len(rows) - packed,
+            "num_images": len(rows),
+            "shards": [{k: s[k] for k in ("name", "sha256", "bytes", "num_samples")} for s in shards],
+            "index": {"file": "index.parquet", "schema_version": INDEX.version,
+                      "sha256": sha256_file(self.out / "index.parquet")},
+            "packing": asdict(self.params) | {"member_order": list(MEMBER_ORDER),
+                                              "shuffle": "numpy default_rng(seed).permutation "
+                                                         "of the key-sorted ok samples"},
+            "preprocessing": self.preprocessing,
+            "inputs": {"proposals_dir": str(self.pdir), "dataset_root": str(self.root),
+                       "parts": self.inputs},
+            "packages": package_versions(),
+        }
+        atomic_write_text(self.out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        failed_pack = sum(1 for r in rows if (r["error"] or "").startswith("packing:"))
+        print(f"[shards {self.dataset}] done: {packed} samples in {len(shards)} shards "
+              f"({sum(s['bytes'] for s in shards) / 1e6:.1f} MB) at {self.out}; "
+              f"{len(rows) - packed} not packed ({failed_pack} failed packing, "
+              f"{len(rows) - packed - failed_pack} failed preprocessing: see index.parquet "
+              f"column 'error'); {progress.elapsed:.1f}s", file=sys.stderr, flush=True)
+        return manifest
+
+
+def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=None, out=None,
+                 root=None, overwrite: bool = False) -> dict:
+    """Pack WORK_DIR/<dataset>/proposals into WORK_DIR/<dataset>/shards; returns the manifest."""
+    pdir = Path(proposals) if proposals else proposals_dir(dataset)
+    out = Path(out) if out else shards_dir(dataset)
+    return Writer(dataset, pdir, out, params, root).run(overwrite)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", required=True, help="dataset name under WORK_DIR")
+    ap.add_argument("--proposals", help="parts folder (default WORK_DIR/<ds>/proposals)")
+    ap.add_argument("--out", help="shards folder (default WORK_DIR/<ds>/shards)")
+    ap.add_argument("--root", help="dataset root (default: the one in _job.json)")
+    d = PackParams()
+    ap.add_argument("--seed", type=int, default=d.seed, help="global shuffle seed")
+    ap.add_argument("--max-samples", type=int, default=d.max_samples, help="samples per shard")
+    ap.add_argument("--max-bytes", type=int, default=d.max_bytes, help="bytes per shard")
+    ap.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
+                    help="quality of re-encoded images (plain JPEG sources are kept as is)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace shards written with other inputs or parameters")
+    a = ap.parse_args(argv)
+    if a.max_samples < 1 or a.max_bytes < 1 or not 1 <= a.jpeg_quality <= 100:
+        ap.error("--max-samples and --max-bytes must be >= 1, --jpeg-quality in 1..100")
+    params = PackParams(seed=a.seed, max_samples=a.max_samples, max_bytes=a.max_bytes,
+                        jpeg_quality=a.jpeg_quality)
+    write_shards(a.dataset, params, proposals=a.proposals, out=a.out, root=a.root,
+                 overwrite=a.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Shard writer, reader and verifier on the built-in sample.
+
+The proposals parts here are built by hand from the sample's images with label maps
+whose values we choose, so the round trip compares against values we know. The
+end-to-end test at the bottom uses the real preprocessing job (`sample_parts`)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from common.keys import BadKeyError
+from preprocess.datasets import list_images
+from preprocess.decode import load_rgb
+from schemas.proposals import PROPOSALS
+from shards.reader import ShardDataset, iter_tar
+from shards.tarfmt import ShardError
+from shards.verify import main as verify_main
+from shards.write import PackParams, write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(arr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", arr)
+    assert ok
+    return buf.tobytes()
+
+
+def expected_arrays(i: int, w: int, h: int) -> dict:
+    """Label maps for image i: image 0 has > 255 segments (a 16-bit PNG), others 8-bit."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    fh = (yy * w + xx) % 1000 if i == 0 else (yy // 16) * ((w + 15) // 16) + xx // 16
+    masks = np.stack([xx < w // 2, yy < h // 3, (xx > w // 4) & (yy > h // 4)])
+    bits = sum(m.astype(np.uint16) << k for k, m in enumerate(masks))
+    gt_labels = np.zeros((h, w), np.uint16)
+    gt_labels[h // 4:h // 2, w // 5:w // 2] = 1
+    gt_labels[h // 2:, w // 2:] = 2
+    boxes = np.array([[0, 0, w, h], [w / 4, h / 4, w * 0.75, h * 0.5 + 0.25]], np.float32)
+    return {"fh": fh.astype(np.uint16 if i == 0 else np.uint8), "mcg_bits": bits.astype(np.uint16),
+            "masks": masks, "gt_labels": gt_labels, "boxes": boxes}
+
+
+def build_parts(raw_root: Path, pdir: Path, keys_override: dict | None = None) -> dict:
+    """Two PROPOSALS parts over the sample images (one row failed); returns expectations."""
+    records = list_images("sample", raw_root)
+    rows, expected = [], {}
+    for i, rec in enumerate(records):
+        key = (keys_override or {}).get(rec.key, rec.key)
+        if i == 3:
+            rows.append({"key": key, "source_path": rec.relpath, "status": "failed",
+                         "error": "decode: made-up failure for the test"})
+            continue
+        rgb = load_rgb(rec.path)
+        h, w = rgb.shape[:2]
+        arrays = expected_arrays(i, w, h)
+        gt = {"annotations": rec.gt} if rec.gt else None
+        rows.append({
+            "key": key, "source_path": rec.relpath, "status": "ok",
+            "sha256": __import__("hashlib").sha256(Path(rec.path).read_bytes()).hexdigest(),
+            "width": w, "height": h, "boxes": arrays["boxes"].tolist(), "num_boxes": 2,
+            "filter_rule": "soco", "fh_png": png(arrays["fh"]), "num_segments": int(arrays["fh"].max()) + 1,
+            "mcg_png": png(arrays["mcg_bits"]), "num_masks": 3, "mask_scores": [0.9, 0.5, 0.25],
+            "gt_json": json.dumps(gt) if gt else None,
+            "gt_png": png(arrays["gt_labels"]) if gt else None,
+            "resnet_distance_mean": 0.5 + i, "stats_meaningful": False,
+        })
+        expected[key] = arrays | {"rgb": rgb, "path": rec.path, "gt": gt, "label": rec.label}
+    pdir.mkdir(parents=True, exist_ok=True)
+    half = len(rows) // 2
+    for n, chunk in enumerate((rows[:half], rows[half:])):
+        pq.write_table(PROPOSALS.from_rows(chunk, params={"test": True}),
+                       pdir / f"part-{n:05d}.parquet")
+    (pdir / "_job.json").write_text(json.dumps({"root": str(raw_root), "dataset": "sample"}))
+    return {"expected": expected, "failed": rows[3]["key"], "n_rows": len(rows)}
+
+
+@pytest.fixture(scope="session")
+def hand_parts(sample_raw, tmp_path_factory):
+    pdir = tmp_path_factory.mktemp("hand_parts") / "proposals"
+    return pdir, build_parts(sample_raw, pdir)
+
+
+@pytest.fixture(scope="session")
+def hand_shards(hand_parts, tmp_path_factory):
+    pdir, info = hand_parts
+    out = tmp_path_factory.mktemp("hand_shards") / "shards"
+    write_shards("sample", PackParams(max_samples=4), proposals=pdir, out=out)
+    return out, info
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_round_trip_every_member(hand_shards):
+    out, info = hand_shards
+    ds = ShardDataset(out)
+    expected = info["expected"]
+    assert len(ds) == len(expected) == info["n_rows"] - 1
+    assert sorted(s.key for s in ds) == sorted(expected)
+    assert ds.keys != sorted(ds.keys), "samples should be shuffled across shards"
+    assert len(ds.shards) == 4 and len(ds.manifest["shards"]) == 4
+    for sample in ds:
+        e = expected[sample.key]
+        assert sample.jpeg == Path(e["path"]).read_bytes()  # plain JPEG kept as is
+        np.testing.assert_array_equal(sample.image, e["rgb"])
+        np.testing.assert_array_equal(sample.boxes, e["boxes"])
+        assert sample.boxes.dtype == np.float32
+        np.testing.assert_array_equal(sample.fh, e["fh"])
+        assert sample.fh.dtype == np.uint16
+        np.testing.assert_array_equal(sample.mcg, e["masks"])
+        assert sample.gt == e["gt"]
+        if e["gt"] is None:
+            assert sample.gt_labels is None
+        else:
+            np.testing.assert_array_equal(sample.gt_labels, e["gt_labels"])
+        h, w = e["rgb"].shape[:2]
+        assert sample.meta["width"] == w and sample.meta["height"] == h
+        assert sample.meta["num_masks"] == 3 and sample.meta["num_boxes"] == 2
+        got = ds.get(sample.key)
+        assert got.members == sample.members
+    fh_png = ds.get(sorted(expected)[0]).members["fh.png"]
+    assert cv2.imdecode(np.frombuffer(fh_png, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+
+
+def test_index_lists_failures_and_offsets(hand_shards):
+    out, info = hand_shards
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert len(index) == info["n_rows"]
+    failed = [r for r in index if r["status"] != "ok"]
+    assert [r["key"] for r in failed] == [info["failed"]]
+    assert failed[0]["shard"] is None and "made-up failure" in failed[0]["error"]
+    with pytest.raises(KeyError, match="made-up failure"):
+        ShardDataset(out).get(info["failed"])
+    ok = next(r for r in index if r["status"] == "ok")
+    jpg = next(m for m in ok["members"] if m["ext"] == "jpg")
+    with open(out / ok["shard"], "rb") as f:
+        f.seek(jpg["offset"])
+        assert f.read(jpg["size"]) == Path(info["expected"][ok["key"]]["path"]).read_bytes()
+    assert ok["jpeg_reencoded"] is False and ok["resnet_distance_mean"] is not None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == len(info["expected"]) and manifest["num_failed"] == 1
+    assert manifest["packing"]["max_samples"] == 4 and manifest["packages"]["pyarrow"]
+    assert manifest["preprocessing"]["part_params"] == {"test": True}
+    assert all(s["num_samples"] <= 4 for s in manifest["shards"])
+
+
+def test_idx_equals_dali_wds2idx(hand_shards, tmp_path):
+    """Our .idx, written from known offsets, equals what DALI's own tool derives from the tar."""
+    out, _ = hand_shards
+    tool = Path(sys.executable).with_name("wds2idx")
+    for tar in sorted(out.glob("*.tar")):
+        subprocess.run([str(tool), str(tar), str(tmp_path / "x.idx")], check=True,
+                       capture_output=True)
+        assert (tmp_path / "x.idx").read_text() == tar.with_suffix(".idx").read_text()
+
+
+def test_webdataset_reads_the_same_samples(hand_shards):
+    out, info = hand_shards
+    ds = ShardDataset(out)
+    urls = [str(p) for p in ds.tar_paths]
+    seen = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        seen[s["__key__"]] = {k: v for k, v in s.items() if not k.startswith("__")}
+    assert list(seen) == ds.keys
+    for key, members in seen.items():
+        assert members == ds.get(key).members
+
+
+def test_rerun_is_byte_identical_and_resumes(hand_parts, hand_shards, tmp_path):
+    pdir, _ = hand_parts
+    ref, _ = hand_shards
+    out = tmp_path / "shards"
+    write_shards("sample", PackParams(max_samples=4), proposals=pdir, out=out)
+    assert files_of(out) == files_of(ref)
+    # a rerun skips finished shards: their files are not rewritten
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    # simulate a run killed while writing shard 2: later shards gone, a temporary left behind
+    for p in list(out.glob("sample-00000[23].*")) + list(out.glob("_rows/sample-00000[23].*")):
+        p.unlink()
+    (out / "manifest.json").unlink()
+    (out / ".sample-000002.tar.abc.tmp").write_bytes(b"half a shard")
+    write_shards("sample", PackParams(max_samples=4), proposals=pdir, out=out)
+    assert files_of(out) == files_of(ref)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert after["sample-000000.tar"] == before["sample-000000.tar"]
+    assert after["sample-000002.tar"] != before["sample-000002.tar"]
+
+
+def test_other_parameters_refuse_to_mix_then_overwrite(hand_parts, hand_shards, tmp_path):
+    pdir, _ = hand_parts
+    out = tmp_path / "shards"
+    shutil.copytree(hand_shards[0], out)
+    with pytest.raises(SystemExit, match="--overwrite"):
+        write_shards("sample", PackParams(max_samples=4, seed=1), proposals=pdir, out=out)
+    write_shards("sample", PackParams(max_samples=4, seed=1), proposals=pdir, out=out,
+                 overwrite=True)
+    assert ShardDataset(out).keys != ShardDataset(hand_shards[0]).keys
+    assert sorted(ShardDataset(out).keys) == sorted(ShardDataset(hand_shards[0]).keys)
+
+
+def test_byte_bound_and_unpackable_samples(hand_parts, tmp_path):
+    pdir, info = hand_parts
+    raw = tmp_path / "raw"
+    job = json.loads((pdir / "_job.json").read_text())
+    shutil.copytree(job["root"], raw)
+    victim = next(iter(info["expected"].values()))
+    rel = Path(victim["path"]).relative_to(job["root"])
+    (raw / rel).write_bytes(b"not the image preprocessing saw")
+    limit = 40_000
+    out = tmp_path / "shards"
+    manifest = write_shards("sample", PackParams(max_bytes=limit), proposals=pdir, out=out,
+                            root=raw)
+    for s in manifest["shards"]:
+        assert s["bytes"] <= limit or s["num_samples"] == 1
+        assert (out / s["name"]).stat().st_size == s["bytes"]
+    assert len(manifest["shards"]) > 1
+    index = {r["key"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    bad = [r for r in index.values() if r["status"] == "failed" and "packing" in (r["error"] or "")]
+    assert len(bad) == 1 and "changed since make proposals" in bad[0]["error"]
+    assert manifest["num_samples"] == len(info["expected"]) - 1
+    assert verify_main(["--dir", str(out)]) == 0
+
+
+def test_verify_passes_then_catches_truncation_and_alteration(hand_shards, tmp_path, capsys):
+    out = tmp_path / "shards"
+    shutil.copytree(hand_shards[0], out)
+    assert verify_main(["--dir", str(out), "--decode"]) == 0
+    ds = ShardDataset(out)
+    row = ds._by_key[ds.keys[5]]
+    shard = out / row["shard"]
+    data = bytearray(shard.read_bytes())
+    data[row["tar_offset"] + 700] ^= 0xFF  # inside the first member's data
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert verify_main(["--dir", str(out)]) == 1
+    report = capsys.readouterr().out
+    assert f"shard {row['shard']} key {row['key']} (offset {row['tar_offset']})" in report
+    with pytest.raises(ShardError, match=rf"{row['shard']}: sample {row['key']} at offset "
+                                         rf"{row['tar_offset']}: crc32 mismatch"):
+        ShardDataset(out).get(row["key"])
+    cut = row["tar_offset"] + 100
+    shard.write_bytes(bytes(data[:cut]))
+    assert verify_main(["--dir", str(out)]) == 1
+    assert f"shard {row['shard']}: truncated at offset {row['tar_offset']}" in capsys.readouterr().out
+    with pytest.raises(ShardError, match=rf"{row['shard']}: truncated at offset {cut}"):
+        list(ShardDataset(out).iter_shard(row["shard"]))
+
+
+def test_escaping_keys_rejected_on_write_and_read(sample_raw, hand_shards, tmp_path):
+    first = list_images("sample", sample_raw)[0].key
+    pdir = tmp_path / "proposals"
+    build_parts(sample_raw, pdir, keys_override={first: "../../etc/x"})
+    with pytest.raises(BadKeyError, match="part-00000.parquet"):
+        write_shards("sample", proposals=pdir, out=tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()
+    # a tar from elsewhere with a member that would escape the folder
+    import io
+    import tarfile
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w", format=tarfile.GNU_FORMAT) as t:
+        info = tarfile.TarInfo("../escape.jpg")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(BadKeyError, match="evil.tar"):
+        list(iter_tar(evil))
+    # an index whose key was edited to escape
+    out = tmp_path / "edited"
+    shutil.copytree(hand_shards[0], out)
+    table = pq.read_table(out / "index.parquet")
+    keys = table.column("key").to_pylist()
+    keys[0] = "a/../../b"
+    table = table.set_column(0, table.schema.field(0), [keys])
+    pq.write_table(table, out / "index.parquet")
+    with pytest.raises(BadKeyError, match="index.parquet"):
+        ShardDataset(out)
+
+
+def test_cli_make_shards_then_verify(hand_parts, tmp_path):
+    """The make targets' commands, run as a user would (WORK_DIR layout)."""
+    pdir, _ = hand_parts
+    work = tmp_path / "work"
+    shutil.copytree(pdir, work / "sample" / "proposals")
+    env = {"WORK_DIR": str(work), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": "1"}
+    w = subprocess.run([sys.executable, "-m", "shards.write", "--dataset", "sample",
+                        "--max-samples", "5"], env=env, capture_output=True, text=True)
+    assert w.returncode == 0, w.stderr
+    assert "done: 13 samples in 3 shards" in w.stderr
+    v = subprocess.run([sys.executable, "-m", "shards.verify", "--dataset", "sample"],
+                       env=env, capture_output=True, text=True)
+    assert v.returncode == 0 and "OK" in v.stdout, v.stdout + v.stderr
+    missing = subprocess.run([sys.executable, "-m", "shards.write", "--dataset", "nothing"],
+                             env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "run make proposals" in missing.stderr
