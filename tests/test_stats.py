@@ -134,3 +134,96 @@ def test_missing_weights_error_names_file_url_and_place(tmp_path, monkeypatch):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(stats.MissingWeightsError, match="not a loadable"):
         stats.ResNetDistance(weights=garbage)
+
+
+def write_parts(work, dataset: str, root, records, per_part: int = 3) -> list:
+    """Minimal proposals parts over real images (boxes = the ground truth), plus one failed
+    row, as the preprocessing job would leave them: part-NNNNN.parquet + _job.json."""
+    folder = work / dataset / "proposals"
+    folder.mkdir(parents=True)
+    rows = []
+    for r in records:
+        rgb = load_rgb(r.path)
+        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                 for a in (r.gt or [])] or [[0, 0, rgb.shape[1], rgb.shape[0]]]
+        rows.append({"key": r.key, "source_path": r.relpath, "status": "ok", "width": rgb.shape[1],
+                     "height": rgb.shape[0], "boxes": boxes, "num_boxes": len(boxes),
+                     "filter_rule": "soco" if r.gt else "whole_image", "num_segments": 5,
+                     "num_masks": 3})
+    rows.append({"key": "broken", "source_path": "images/broken.jpg", "status": "failed",
+                 "error": "DecodeError: truncated JPEG"})
+    paths = []
+    for i in range(0, len(rows), per_part):
+        paths.append(folder / f"part-{i // per_part:05d}.parquet")
+        pq.write_table(PROPOSALS.from_rows(rows[i:i + per_part], params={"job": "test"}), paths[-1])
+    (folder / "_job.json").write_text(json.dumps({"root": str(root)}))
+    return paths
+
+
+@pytest.fixture()
+def parts(tmp_path, sample_raw, monkeypatch):
+    monkeypatch.setenv("WORK_DIR", str(tmp_path / "work"))
+    records = list_images("sample", sample_raw)[:5]
+    return write_parts(tmp_path / "work", "mini", sample_raw, records), sample_raw
+
+
+def test_make_stats_fills_columns_and_keeps_the_rest(parts, model, capsys):
+    paths, root = parts
+    before = [pq.read_table(p) for p in paths]
+    summary = stats.run_stats("mini", SMALL, random_weights=True, use_ray=False)
+    assert summary["parts_written"] == len(paths) and summary["with_stats"] == 5
+    assert summary["without_stats"] == 1  # the failed row, counted, not dropped
+    after = [pq.read_table(p) for p in paths]
+    records = {r.key: r for r in list_images("sample", root)}
+    for old, new in zip(before, after):
+        assert new.num_rows == old.num_rows
+        for name in old.column_names:
+            if name not in stats.STATS_COLUMNS:
+                assert new.column(name).equals(old.column(name)), name
+        params = table_params(new.schema)
+        assert params["job"] == "test" and params["stats"]["meaningful"] is False
+        assert params["stats"]["seed"] == SMALL.seed and params["stats"]["weights"] == "random"
+        for row in new.to_pylist():
+            if row["status"] != "ok":
+                assert row["resnet_distance_mean"] is None and row["stats_meaningful"] is None
+                continue
+            d = dict(model.image_distances([(row["key"], load_rgb(records[row["key"]].path))], SMALL))
+            assert row["resnet_distance_mean"] == pytest.approx(float(d[row["key"]].mean()), rel=1e-5)
+            assert row["resnet_distance_std"] == pytest.approx(float(d[row["key"]].std(ddof=1)), rel=1e-4)
+            assert row["resnet_distance_pairs"] == SMALL.pairs and row["stats_meaningful"] is False
+    # A rerun with the same settings leaves the parts alone; new settings refresh them.
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    assert stats.run_stats("mini", SMALL, random_weights=True, use_ray=False)["parts_written"] == 0
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes
+    other = stats.StatsConfig(seed=9, pairs=1, size=64)
+    assert stats.run_stats("mini", other, random_weights=True, use_ray=False)["parts_written"] == len(paths)
+    row = pq.read_table(paths[0]).to_pylist()[0]
+    assert row["resnet_distance_pairs"] == 1 and row["resnet_distance_std"] is None
+
+
+def test_make_stats_without_weights_fails_clearly(parts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.delenv("WEIGHTS", raising=False)
+    assert stats.main(["--dataset", "mini", "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert stats.WEIGHTS_URL in err and stats.WEIGHTS_NAME in err
+    assert stats.main(["--dataset", "absent", "--random-weights", "--no-ray"]) == 2
+    assert "make proposals DATASET=absent" in capsys.readouterr().err
+
+
+def test_ray_actor_pool_matches_in_process(parts):
+    import ray
+    paths, _ = parts
+    stats.run_stats("mini", SMALL, random_weights=True, use_ray=False)
+    local = [pq.read_table(p) for p in paths]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = stats.run_stats("mini", SMALL, random_weights=True, force=True, batch_images=2)
+    finally:
+        ray.shutdown()
+    assert summary["parts_written"] == len(paths)
+    for old, p in zip(local, paths):
+        new = pq.read_table(p)
+        np.testing.assert_allclose(new.column("resnet_distance_mean").to_numpy(zero_copy_only=False),
+                                   old.column("resnet_distance_mean").to_numpy(zero_copy_only=False),
+                                   rtol=1e-5)
