@@ -27,11 +27,15 @@ class Method(nn.Module):
                                           step (no-op here)
       param_groups(weight_decay)          optimiser groups, see below
       optimizer: "lars" | "sgd"           which optimiser train/optim.py builds
-      export_modules()                    {"backbone": m, "fpn": m?, "head": m?} for
-                                          train/export.py (detectron2 format)
+      export_modules(target=False)        {"backbone": m, "fpn": m?, "head": m?} for
+                                          train/export.py (detectron2 format); target=True
+                                          gives the EMA target network's modules
+      find_unused_parameters: bool        passed to DDP (True when some heads may get
+                                          no gradient in a step)
     """
 
     optimizer: str = "lars"
+    find_unused_parameters: bool = False
 
     def momentum_update(self, step: int, total_steps: int) -> None:
         return None
@@ -47,7 +51,9 @@ class Method(nn.Module):
         return [dict(params=decay, weight_decay=weight_decay, lars=True),
                 dict(params=no_decay, weight_decay=0.0, lars=False)]
 
-    def export_modules(self) -> dict[str, nn.Module]:
+    def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
+        if target:
+            raise NotImplementedError(f"{type(self).__name__} has no target network to export")
         return {"backbone": self.backbone}
 
 

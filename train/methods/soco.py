@@ -1,0 +1,173 @@
+"""SoCo (methods.md section 1): box-level BYOL between views of one image.
+
+Variants (config `model.variant`):
+  fpn   ResNet + FPN P2..P5 + RoIAlign 7x7 + 4conv1fc head; pairs (1,2) and (1,3).
+  star  SoCo*: as fpn plus the pair (1,4) (loader recipe `soco_star`).
+  c4    RoIAlign 14x14 on res4, res5 as the head, avg-pool; pair (1,2) only.
+Unlike the paper's code, each box is RoI-aligned only at its assigned FPN level: the
+paper pools every box on all four levels but its correspondence matrix only ever
+pairs the assigned-level slots, so the loss is the same at a quarter of the head
+compute (methods.md 1.4, 10). The head's BN therefore sees only assigned-level RoIs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from train.methods import Method, cosine_momentum, ema_update, make_target
+from train.models.backbone import build_backbone
+from train.models.fpn import FPN
+from train.models.heads import MLP, ConvFCHead
+
+RECIPE = "soco"
+LEVEL_RANGES = (48.0, 96.0, 192.0, 224.0)  # sqrt(wh) upper bounds for P2..P5 at 224-px views
+REFERENCE_SIZE = 224.0
+# (online view, its boxes, its ids, other view, its boxes, its ids) per view pair
+PAIRS = {
+    "fpn": [("view1", "boxes1_2", "ids1_2", "view2", "boxes2", "ids2"),
+            ("view1", "boxes1_3", "ids1_3", "view3", "boxes3", "ids3")],
+    "c4": [("view1", "boxes1_2", "ids1_2", "view2", "boxes2", "ids2")],
+}
+PAIRS["star"] = PAIRS["fpn"] + [("view1", "boxes1_2", "ids1_2", "view4", "boxes4", "ids4")]
+
+
+def assign_levels(boxes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """FPN level index (0 = P2) per box: the first level whose bound >= sqrt(w*h).
+    Boxes beyond the last bound go to the last level. `boxes` [..., 4] x1y1x2y2."""
+    wh = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0)
+    scale = torch.sqrt(wh[..., 0] * wh[..., 1])
+    return torch.bucketize(scale, ranges.to(scale), right=False).clamp(max=len(ranges) - 1)
+
+
+def pool_boxes(feats: list[torch.Tensor], boxes: torch.Tensor, levels: torch.Tensor,
+               view_size: int, output_size: int) -> torch.Tensor:
+    """RoIAlign (aligned=True) of each box [B,K,4] (view pixels) on feats[level];
+    returns [B*K, C, s, s] in box order. Boxes scale to each map by map/view size,
+    as SoCo scales its [0,1] boxes by the map's size."""
+    B, K = boxes.shape[:2]
+    flat, lv = boxes.reshape(-1, 4).float(), levels.reshape(-1)
+    batch_idx = torch.arange(B, device=boxes.device).repeat_interleave(K).to(flat)
+    pieces, order = [], []
+    for level, fmap in enumerate(feats):
+        sel = (lv == level).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        rois = torch.cat([batch_idx[sel, None], flat[sel]], dim=1)
+        pieces.append(roi_align(fmap, rois.to(fmap.dtype), output_size,
+                                spatial_scale=fmap.shape[-1] / view_size,
+                                sampling_ratio=-1, aligned=True))
+        order.append(sel)
+    pooled = torch.cat(pieces)
+    return pooled[torch.argsort(torch.cat(order))]
+
+
+def byol_box_loss(p: torch.Tensor, z: torch.Tensor, ids_p: torch.Tensor,
+                  ids_z: torch.Tensor) -> torch.Tensor:
+    """l(a->b) = -2 mean_n [sum_ij C_nij <p_ni, z_nj> / (sum_ij C_nij + 1e-6)] with
+    C_nij = [id_ni == id_nj], ids < 0 (padding) never matching (methods.md 1.6)."""
+    p = F.normalize(p.float(), dim=-1)
+    z = F.normalize(z.float(), dim=-1)
+    match = (ids_p[:, :, None] == ids_z[:, None, :]) & (ids_p[:, :, None] >= 0) & (ids_z[:, None, :] >= 0)
+    match = match.to(p.dtype)
+    sim = torch.einsum("bid,bjd->bij", p, z)
+    per_image = (match * sim).sum((1, 2)) / (match.sum((1, 2)) + 1e-6)
+    return -2.0 * per_image.mean()
+
+
+class SoCo(Method):
+    find_unused_parameters = True  # a level with no box in a batch gets no gradient
+
+    def __init__(self, variant: str = "fpn", backbone: str = "resnet50", width: int = 64,
+                 fpn_channels: int = 256, head_conv_channels: int = 256, head_fc_dim: int = 1024,
+                 proj_hidden: int = 4096, proj_dim: int = 256, ema_base: float = 0.99,
+                 level_ranges=LEVEL_RANGES):
+        super().__init__()
+        if variant not in PAIRS:
+            raise ValueError(f"unknown SoCo variant {variant!r}: use one of {sorted(PAIRS)} (model.variant)")
+        self.variant, self.ema_base = variant, ema_base
+        self.pairs = PAIRS[variant]
+        self.backbone = build_backbone(backbone, width=width)
+        self.register_buffer("level_ranges", torch.tensor(level_ranges, dtype=torch.float32),
+                             persistent=False)
+        if variant == "c4":
+            self.neck, self.head, self.roi_size = None, None, 14
+            feat_dim = self.backbone.out_channels[3]
+        else:
+            self.neck = FPN(self.backbone.out_channels, fpn_channels)
+            self.head = ConvFCHead(fpn_channels, head_conv_channels, head_fc_dim)
+            self.roi_size, feat_dim = 7, head_fc_dim
+        self.projector = MLP(feat_dim, proj_hidden, proj_dim)
+        self.predictor = MLP(proj_dim, proj_hidden, proj_dim)
+        self.target = make_target(self._online)
+
+    @property
+    def _online(self) -> nn.ModuleList:
+        """The online branch in the target's layout: [backbone, (neck, head,) projector].
+        Built on access so the modules keep their own names in the state_dict."""
+        mods = [self.backbone, self.neck, self.head, self.projector]
+        return nn.ModuleList(m for m in mods if m is not None)
+
+    # -- one branch: a view's feature maps, then per-box embeddings -------------
+    def _maps(self, branch: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+        backbone = branch[0]
+        if self.variant == "c4":
+            return backbone.features(x, upto=4)[-1:]
+        return branch[1](backbone.features(x))
+
+    def _embed(self, branch: nn.ModuleList, maps, boxes, view_size, level_scale) -> torch.Tensor:
+        B, K = boxes.shape[:2]
+        if self.variant == "c4":
+            rois = pool_boxes(maps, boxes, torch.zeros(B, K, dtype=torch.long, device=boxes.device),
+                              view_size, self.roi_size)
+            feats = torch.flatten(F.adaptive_avg_pool2d(branch[0].layer4(rois), 1), 1)
+        else:
+            levels = assign_levels(boxes, self.level_ranges * level_scale)
+            feats = branch[2](pool_boxes(maps, boxes, levels, view_size, self.roi_size))
+        return branch[-1](feats).reshape(B, K, -1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict:
+        # Level bounds are for 224-px views; smaller recipes scale them by V1's size.
+        level_scale = batch["view1"].shape[-1] / REFERENCE_SIZE
+        views = sorted({p[0] for p in self.pairs} | {p[3] for p in self.pairs})
+        branch = self._online
+        online = {v: self._maps(branch, batch[v]) for v in views}
+        with torch.no_grad():
+            target = {v: self._maps(self.target, batch[v]) for v in views}
+
+        def embeds(view, boxes_key):
+            size = batch[view].shape[-1]
+            boxes = batch[boxes_key]
+            p = self.predictor(self._embed(branch, online[view], boxes, size, level_scale).flatten(0, 1))
+            with torch.no_grad():
+                z = self._embed(self.target, target[view], boxes, size, level_scale)
+            return p.reshape(z.shape), z
+
+        logs, total = {}, 0.0
+        for va, ba, ia, vb, bb, ib in self.pairs:
+            p_a, z_a = embeds(va, ba)
+            p_b, z_b = embeds(vb, bb)
+            pair = byol_box_loss(p_a, z_b, batch[ia], batch[ib]) + byol_box_loss(p_b, z_a, batch[ib], batch[ia])
+            logs[f"loss_{va[-1]}{vb[-1]}"] = float(pair.detach())
+            total = total + pair
+        return dict(loss=total, **logs)
+
+    def momentum_update(self, step: int, total_steps: int) -> None:
+        ema_update(self._online, self.target, cosine_momentum(step, total_steps, self.ema_base))
+
+    def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
+        branch = self.target if target else self._online
+        mods = {"backbone": branch[0]}
+        if self.variant != "c4":
+            mods.update(fpn=branch[1], head=branch[2])
+        return mods
+
+
+def build(cfg: dict) -> SoCo:
+    m = dict(cfg.get("model", {}))
+    known = {"variant", "backbone", "width", "fpn_channels", "head_conv_channels", "head_fc_dim",
+             "proj_hidden", "proj_dim", "ema_base", "level_ranges"}
+    unknown = set(m) - known
+    if unknown:
+        raise ValueError(f"unknown SoCo model keys {sorted(unknown)}: allowed {sorted(known)}")
+    return SoCo(**m)
