@@ -38,10 +38,11 @@ class KeyQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        keys = keys.detach()[-self.size:]              # a batch larger than the queue keeps its newest
-        slots = (self.ptr + torch.arange(len(keys), device=keys.device)) % self.size
-        self.keys[slots] = keys.to(self.keys.dtype)
-        self.ptr.copy_((self.ptr + len(keys)) % self.size)
+        n = len(keys)
+        skip = max(n - self.size, 0)                   # a batch larger than the queue keeps its newest
+        slots = (self.ptr + skip + torch.arange(n - skip, device=keys.device)) % self.size
+        self.keys[slots] = keys.detach()[skip:].to(self.keys.dtype)
+        self.ptr.copy_((self.ptr + n) % self.size)
 
     def oldest_first(self) -> torch.Tensor:
         """The queue in dequeue order (next to be overwritten first)."""
