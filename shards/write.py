@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +56,7 @@ class PackParams:
     jpeg_quality: int = 95           # only used when the source must be re-encoded
     mtime: int = 0                   # of every tar member
     tar_format: str = "gnu"
+    png_bit_depth: int = 16          # every label map PNG (see as_16bit_png)
 
 
 class SampleError(ValueError):
@@ -62,11 +64,28 @@ class SampleError(ValueError):
 
 
 def png_size(data: bytes, what: str) -> tuple[int, int, int]:
-    """(width, height, bit depth) from a PNG's IHDR, without decoding it."""
+    """(width, height, bit depth) of a single-channel PNG from its IHDR, without decoding."""
     if len(data) < 29 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
         raise SampleError(f"{what} is not a PNG")
-    width, height, depth = struct.unpack(">IIB", data[16:25])
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    if colour != 0:
+        raise SampleError(f"{what} is not a single-channel (grey) PNG")
     return width, height, depth
+
+
+def as_16bit_png(data: bytes, depth: int) -> bytes:
+    """Label maps go into shards as 16-bit PNGs, all of them.
+
+    DALI decodes a PNG to uint16 only with output_type=ANY_DATA, and then scales an
+    8-bit one by 257; a pipeline cannot switch per sample, so a mix of depths would
+    give wrong ids. Widening here lets every label map decode the same way."""
+    if depth == 16:
+        return data
+    labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    ok, buf = cv2.imencode(".png", labels.astype(np.uint16))
+    if not ok:
+        raise SampleError("could not re-encode a label map as a 16-bit PNG")
+    return buf.tobytes()
 
 
 def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dict]:
@@ -110,7 +129,7 @@ def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dic
         if (pw, ph) != (w, h) or depth not in (8, 16):
             raise SampleError(f"{key}.{ext} is {pw}x{ph} {depth}-bit, expected {w}x{h} 8/16-bit; "
                               "rerun make proposals")
-        members.append((ext, png))
+        members.append((ext, as_16bit_png(png, depth)))
     if row["gt_json"] is not None:
         members.append(("gt.json", row["gt_json"].encode("utf-8")))
     meta = {"key": key, "width": w, "height": h, "source_path": row["source_path"],

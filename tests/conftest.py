@@ -30,3 +30,24 @@ def sample_raw(tmp_path_factory) -> Path:
     from preprocess.sample import generate
     return generate(tmp_path_factory.mktemp("sample_raw"), n_scene=10, n_object=4, seed=0,
                     min_side=128, max_side=192)
+
+
+@pytest.fixture(scope="session")
+def sample_shards(request, tmp_path_factory) -> Path:
+    """Shards folder of the built-in sample: `<ds>-NNNNNN.tar` + `.idx`, `index.parquet`,
+    `manifest.json`, packed by shards.write with at most 4 samples a shard (several shards).
+    Built from `sample_parts` (the real preprocessing job); until that fixture exists, from
+    hand-made parts (tests/test_shards_parts.py). Read-only: copy it before modifying.
+    Open with `shards.reader.ShardDataset(path)`."""
+    from shards.write import PackParams, write_shards
+    try:
+        parts = Path(request.getfixturevalue("sample_parts"))
+    except pytest.FixtureLookupError:
+        from tests.test_shards_parts import build_parts
+        parts = tmp_path_factory.mktemp("hand_parts") / "proposals"
+        build_parts(request.getfixturevalue("sample_raw"), parts)
+    if not any(parts.glob("part-*.parquet")) and (parts / "proposals").is_dir():
+        parts = parts / "proposals"
+    out = tmp_path_factory.mktemp("sample_shards") / "shards"
+    write_shards("sample", PackParams(max_samples=4), proposals=parts, out=out)
+    return out

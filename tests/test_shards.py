@@ -19,68 +19,13 @@ import webdataset as wds
 
 from common.keys import BadKeyError
 from preprocess.datasets import list_images
-from preprocess.decode import load_rgb
-from schemas.proposals import PROPOSALS
 from shards.reader import ShardDataset, iter_tar
 from shards.tarfmt import ShardError
 from shards.verify import main as verify_main
 from shards.write import PackParams, write_shards
+from tests.test_shards_parts import build_parts
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def png(arr: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", arr)
-    assert ok
-    return buf.tobytes()
-
-
-def expected_arrays(i: int, w: int, h: int) -> dict:
-    """Label maps for image i: image 0 has > 255 segments (a 16-bit PNG), others 8-bit."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    fh = (yy * w + xx) % 1000 if i == 0 else (yy // 16) * ((w + 15) // 16) + xx // 16
-    masks = np.stack([xx < w // 2, yy < h // 3, (xx > w // 4) & (yy > h // 4)])
-    bits = sum(m.astype(np.uint16) << k for k, m in enumerate(masks))
-    gt_labels = np.zeros((h, w), np.uint16)
-    gt_labels[h // 4:h // 2, w // 5:w // 2] = 1
-    gt_labels[h // 2:, w // 2:] = 2
-    boxes = np.array([[0, 0, w, h], [w / 4, h / 4, w * 0.75, h * 0.5 + 0.25]], np.float32)
-    return {"fh": fh.astype(np.uint16 if i == 0 else np.uint8), "mcg_bits": bits.astype(np.uint16),
-            "masks": masks, "gt_labels": gt_labels, "boxes": boxes}
-
-
-def build_parts(raw_root: Path, pdir: Path, keys_override: dict | None = None) -> dict:
-    """Two PROPOSALS parts over the sample images (one row failed); returns expectations."""
-    records = list_images("sample", raw_root)
-    rows, expected = [], {}
-    for i, rec in enumerate(records):
-        key = (keys_override or {}).get(rec.key, rec.key)
-        if i == 3:
-            rows.append({"key": key, "source_path": rec.relpath, "status": "failed",
-                         "error": "decode: made-up failure for the test"})
-            continue
-        rgb = load_rgb(rec.path)
-        h, w = rgb.shape[:2]
-        arrays = expected_arrays(i, w, h)
-        gt = {"annotations": rec.gt} if rec.gt else None
-        rows.append({
-            "key": key, "source_path": rec.relpath, "status": "ok",
-            "sha256": __import__("hashlib").sha256(Path(rec.path).read_bytes()).hexdigest(),
-            "width": w, "height": h, "boxes": arrays["boxes"].tolist(), "num_boxes": 2,
-            "filter_rule": "soco", "fh_png": png(arrays["fh"]), "num_segments": int(arrays["fh"].max()) + 1,
-            "mcg_png": png(arrays["mcg_bits"]), "num_masks": 3, "mask_scores": [0.9, 0.5, 0.25],
-            "gt_json": json.dumps(gt) if gt else None,
-            "gt_png": png(arrays["gt_labels"]) if gt else None,
-            "resnet_distance_mean": 0.5 + i, "stats_meaningful": False,
-        })
-        expected[key] = arrays | {"rgb": rgb, "path": rec.path, "gt": gt, "label": rec.label}
-    pdir.mkdir(parents=True, exist_ok=True)
-    half = len(rows) // 2
-    for n, chunk in enumerate((rows[:half], rows[half:])):
-        pq.write_table(PROPOSALS.from_rows(chunk, params={"test": True}),
-                       pdir / f"part-{n:05d}.parquet")
-    (pdir / "_job.json").write_text(json.dumps({"root": str(raw_root), "dataset": "sample"}))
-    return {"expected": expected, "failed": rows[3]["key"], "n_rows": len(rows)}
 
 
 @pytest.fixture(scope="session")
@@ -128,8 +73,10 @@ def test_round_trip_every_member(hand_shards):
         assert sample.meta["num_masks"] == 3 and sample.meta["num_boxes"] == 2
         got = ds.get(sample.key)
         assert got.members == sample.members
-    fh_png = ds.get(sorted(expected)[0]).members["fh.png"]
-    assert cv2.imdecode(np.frombuffer(fh_png, np.uint8), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+        for ext in ("fh.png", "mcg.png", "gt.png"):  # all label maps are 16-bit in shards
+            if ext in sample.members:
+                png_bytes = np.frombuffer(sample.members[ext], np.uint8)
+                assert cv2.imdecode(png_bytes, cv2.IMREAD_UNCHANGED).dtype == np.uint16
 
 
 def test_index_lists_failures_and_offsets(hand_shards):
@@ -302,3 +249,41 @@ def test_cli_make_shards_then_verify(hand_parts, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "shards.write", "--dataset", "nothing"],
                              env=env, capture_output=True, text=True)
     assert missing.returncode != 0 and "run make proposals" in missing.stderr
+
+
+def test_dali_reads_shards_with_their_index(hand_shards):
+    """DALI's CPU webdataset reader (device_id=None) over our tars + .idx files decodes
+    the same images, boxes and 16-bit label maps as the Python reader."""
+    from nvidia.dali import fn, pipeline_def, types
+    ds = ShardDataset(hand_shards[0])
+
+    @pipeline_def(batch_size=len(ds), num_threads=1, device_id=None)
+    def pipe():
+        jpg, boxes, fh, mcg = fn.readers.webdataset(
+            paths=[str(p) for p in ds.tar_paths], index_paths=[str(p) for p in ds.idx_paths],
+            ext=["jpg", "boxes", "fh.png", "mcg.png"],
+            dtypes=[types.UINT8, types.FLOAT, types.UINT8, types.UINT8],
+            missing_component_behavior="error", name="reader")
+        return (fn.decoders.image(jpg, output_type=types.RGB), fn.reshape(boxes, shape=[-1, 4]),
+                fn.decoders.image(fh, output_type=types.ANY_DATA, dtype=types.UINT16),
+                fn.decoders.image(mcg, output_type=types.ANY_DATA, dtype=types.UINT16),
+                fn.get_property(jpg, key="source_info"))
+
+    p = pipe()
+    p.build()
+    assert p.reader_meta("reader")["epoch_size"] == len(ds)
+    images, boxes, fh, mcg, info = p.run()
+    keys = []
+    for i in range(len(ds)):
+        source = bytes(np.array(info.at(i))).decode()
+        key = source.rsplit(":", 1)[1].split(".")[0]
+        keys.append(key)
+        s = ds.get(key)
+        assert source.startswith(str(ds.dir / s.where))
+        assert np.abs(np.array(images.at(i)).astype(int) - s.image).mean() < 1.0
+        np.testing.assert_array_equal(np.array(boxes.at(i)), s.boxes)
+        np.testing.assert_array_equal(np.array(fh.at(i))[..., 0], s.fh)
+        bits = np.array(mcg.at(i))[..., 0]
+        for k in range(s.mcg.shape[0]):
+            np.testing.assert_array_equal((bits >> k) & 1 == 1, s.mcg[k])
+    assert keys == ds.keys
