@@ -182,3 +182,56 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
         if len(poly) >= 6:
             draw.polygon([(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly) - 1, 2)], fill=1)
     return np.asarray(canvas, dtype=bool)
+
+
+# ---------------------------------------------------------------- GT in the stored frame
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def orient_points(xy: np.ndarray, orientation: int, width: int, height: int) -> np.ndarray:
+    """Map continuous (x, y) points of a width x height raw frame through an EXIF orientation
+    (the same transposition PIL's exif_transpose applies to the pixels)."""
+    x, y = np.asarray(xy, np.float64).reshape(-1, 2).T
+    mapped = {1: (x, y), 2: (width - x, y), 3: (width - x, height - y), 4: (x, height - y),
+              5: (y, x), 6: (height - y, x), 7: (height - y, width - x), 8: (y, width - x)}[orientation]
+    return np.stack(mapped, 1)
+
+
+def orient_mask(mask: np.ndarray, orientation: int) -> np.ndarray:
+    if orientation == 1:
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8)).transpose(_TRANSPOSE[orientation]), bool)
+
+
+def gt_in_stored_frame(annotations: list, gt_size, raw_size, orientation: int):
+    """Ground truth moved into the stored (EXIF-oriented) frame.
+
+    COCO annotations refer to the file's raw pixels, so with an EXIF orientation they are
+    transposed like the pixels. Returns (annotations with bbox/segmentation in stored pixels,
+    uint16 label map of the stored frame with id i+1 = annotation i, painted in order so a
+    later annotation wins where masks overlap; None when no annotation has a mask)."""
+    raw_w, raw_h = raw_size
+    if gt_size is not None and tuple(gt_size) != (raw_w, raw_h):
+        raise DatasetError(f"annotations are for a {gt_size[0]}x{gt_size[1]} image but the file "
+                           f"is {raw_w}x{raw_h}; the annotation file does not match this image")
+    from preprocess.sample import rle_encode  # one RLE encoder for the whole project
+    out, label_map = [], None
+    for i, ann in enumerate(annotations):
+        ann = dict(ann)
+        if "bbox" in ann:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            corners = orient_points([[x, y], [x + w, y + h]], orientation, raw_w, raw_h)
+            (x0, y0), (x1, y1) = corners.min(0), corners.max(0)
+            ann["bbox"] = [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+        if ann.get("segmentation"):
+            mask = orient_mask(annotation_mask(ann, raw_h, raw_w), orientation)
+            if label_map is None:
+                label_map = np.zeros(mask.shape, np.uint16)
+            label_map[mask] = i + 1
+            if orientation != 1:
+                ann["segmentation"] = rle_encode(mask)
+        out.append(ann)
+    return out, label_map

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def max_pixels() -> int:
     return int(os.environ.get("REGIONSSL_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 
 
-def _open(path, data: bytes | None = None) -> Image.Image:
+def _open(path, data: bytes | None = None, limit: int | None = None) -> Image.Image:
     path = Path(path)
     try:
         if data is None:
@@ -40,7 +41,7 @@ def _open(path, data: bytes | None = None) -> Image.Image:
                           "and is readable") from e
     if not data:
         raise DecodeError(f"{path}: zero-byte file; re-copy or remove it")
-    limit = max_pixels()
+    limit = limit or max_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -86,14 +87,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_rgb(path, data: bytes | None = None) -> np.ndarray:
-    """HxWx3 uint8 RGB, EXIF orientation applied. Raises DecodeError naming the file."""
-    img = _open(path, data)
+@dataclass(frozen=True)
+class Decoded:
+    rgb: np.ndarray              # HxWx3 uint8, EXIF orientation applied
+    orientation: int             # EXIF orientation tag of the file (1 = none)
+    raw_size: tuple[int, int]    # (width, height) of the file's pixels before orientation
+
+
+def decode(path, data: bytes | None = None, limit: int | None = None) -> Decoded:
+    """Decode to RGB in the stored frame, keeping what is needed to move GT into it."""
+    img = _open(path, data, limit)
+    orientation = exif_orientation(img)
     try:
         oriented = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not lose the image: keep the stored frame
-        oriented = img
-    return np.asarray(to_rgb(oriented), dtype=np.uint8)
+    except Exception:  # a broken EXIF block must not lose the image: keep the raw frame
+        oriented, orientation = img, 1
+    if orientation not in range(1, 9):
+        orientation = 1
+    return Decoded(np.asarray(to_rgb(oriented), dtype=np.uint8), orientation, img.size)
+
+
+def load_rgb(path, data: bytes | None = None, limit: int | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB, EXIF orientation applied. Raises DecodeError naming the file."""
+    return decode(path, data, limit).rgb
 
 
 def exif_orientation(img: Image.Image) -> int:
@@ -103,7 +119,8 @@ def exif_orientation(img: Image.Image) -> int:
         return 1
 
 
-def stored_jpeg(path, quality: int = STORED_JPEG_QUALITY, data: bytes | None = None) -> tuple[bytes, np.ndarray]:
+def stored_jpeg(path, quality: int = STORED_JPEG_QUALITY, data: bytes | None = None,
+                limit: int | None = None) -> tuple[bytes, np.ndarray]:
     """(JPEG bytes to store, the RGB pixels those bytes decode to).
 
     The source bytes are kept when the file is already a plain RGB JPEG with no EXIF
@@ -116,10 +133,10 @@ def stored_jpeg(path, quality: int = STORED_JPEG_QUALITY, data: bytes | None = N
         except OSError as e:
             raise DecodeError(f"{path}: cannot read the file ({e.strerror or e}); check it "
                               "exists and is readable") from e
-    img = _open(path, data)
+    img = _open(path, data, limit)
     if img.format == "JPEG" and img.mode == "RGB" and exif_orientation(img) == 1:
         return data, np.asarray(img, dtype=np.uint8)
-    rgb = load_rgb(path, data)
+    rgb = load_rgb(path, data, limit)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
     encoded = buf.getvalue()
