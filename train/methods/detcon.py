@@ -193,7 +193,9 @@ class DetCon(Method):
             target = [all_gather_with_grad(t) for t in target]
         loss = detcon_loss(pred[0], pred[1], target[0], target[1], ids[0], ids[1], ids[0], ids[1],
                            offset=offset, temperature=self.temperature)
-        return dict(loss=loss, masks_per_image=sum(_count_masks(c) for c in cells) / 2)
+        paired = (ids[0][:, :, None] == ids[1][:, None, :]).any(dim=2).float().mean()
+        return dict(loss=loss, masks_per_image=sum(_count_masks(c) for c in cells) / 2,
+                    paired_share=float(paired))   # near 0 = masks rarely match across views: loss ~ 0
 
 
 def _count_masks(cells: torch.Tensor) -> float:
