@@ -32,7 +32,7 @@ from common.io import (atomic_open, atomic_write_text, remove_stale_temporaries,
 from common.keys import check_key
 from common.paths import proposals_dir, shards_dir
 from common.progress import Progress
-from preprocess.decode import DecodeError, stored_jpeg
+from preprocess.decode import STORED_JPEG_QUALITY, DecodeError, stored_jpeg
 from schemas import SchemaError, table_params, validate
 from schemas.index import INDEX, MANIFEST_VERSION
 from schemas.proposals import PROPOSALS
@@ -53,7 +53,7 @@ class PackParams:
     seed: int = 0
     max_samples: int = 2000          # per shard
     max_bytes: int = 1 << 30         # per shard (a single larger sample gets its own shard)
-    jpeg_quality: int = 95           # only used when the source must be re-encoded
+    jpeg_quality: int = STORED_JPEG_QUALITY  # only when the source must be re-encoded
     mtime: int = 0                   # of every tar member
     tar_format: str = "gnu"
     png_bit_depth: int = 16          # every label map PNG (see as_16bit_png)
@@ -159,6 +159,9 @@ def load_parts(pdir: Path) -> tuple[pa.Table, list[dict], dict]:
                                 "make proposals DATASET=<name> first")
     job_path = pdir / "_job.json"
     job = json.loads(job_path.read_text()) if job_path.is_file() else {}
+    if job.get("complete") is False:
+        raise SystemExit(f"{job_path} says the proposals job has not finished; rerun "
+                         "make proposals (it resumes) before make shards")
     tables, fingerprints, params = [], [], {}
     for p in parts:
         t = validate(pq.read_table(p), PROPOSALS, str(p))

@@ -33,23 +33,17 @@ def sample_raw(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sample_shards(request, tmp_path_factory) -> Path:
+def sample_shards(sample_parts, tmp_path_factory) -> Path:
     """Shards folder of the built-in sample: `<ds>-NNNNNN.tar` + `.idx`, `index.parquet`,
     `manifest.json`, packed by shards.write with at most 4 samples a shard (several shards).
-    Built from `sample_parts` (the real preprocessing job); until that fixture exists, from
-    hand-made parts (tests/test_shards_parts.py). Read-only: copy it before modifying.
+    Built from `sample_parts` (the real preprocessing job, 14 images, all ok), so it holds
+    14 samples in 4 shards. Read-only: copy it before modifying.
     Open with `shards.reader.ShardDataset(path)`."""
+    from common.paths import proposals_dir
     from shards.write import PackParams, write_shards
-    try:
-        parts = Path(request.getfixturevalue("sample_parts"))
-    except pytest.FixtureLookupError:
-        from tests.test_shards_parts import build_parts
-        parts = tmp_path_factory.mktemp("hand_parts") / "proposals"
-        build_parts(request.getfixturevalue("sample_raw"), parts)
-    if not any(parts.glob("part-*.parquet")) and (parts / "proposals").is_dir():
-        parts = parts / "proposals"
+    work, dataset = sample_parts
     out = tmp_path_factory.mktemp("sample_shards") / "shards"
-    write_shards("sample", PackParams(max_samples=4), proposals=parts, out=out)
+    write_shards(dataset, PackParams(max_samples=4), proposals=proposals_dir(dataset, work), out=out)
     return out
 
 
