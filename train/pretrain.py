@@ -12,11 +12,12 @@ It resumes from checkpoints/last.pt whenever that exists (torchrun restarts incl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import queue
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,58 @@ from train.optim import build_optimizer, build_scheduler
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Prefetch:
+    """Pull batches on a background thread, `depth` ahead, so collation and decoding
+    overlap the step (torch and DALI release the GIL). Each batch comes with the
+    loader's state_dict() taken right after it, so a checkpoint records the position
+    of the batches actually trained on, not of those waiting in the queue."""
+
+    def __init__(self, loader, depth: int):
+        self.loader, self.depth = loader, depth
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._fill, name="prefetch", daemon=True)
+            self._thread.start()
+        else:
+            self._iter = iter(loader)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        try:
+            for batch in self.loader:
+                if not self._put((batch, self.loader.state_dict())):
+                    return
+        except BaseException as e:  # re-raised in the training thread
+            self._put(e)
+            return
+        self._put(None)
+
+    def next(self):
+        """(batch, loader_state) or None at the end of the epoch."""
+        if self._thread is None:
+            batch = next(self._iter, None)
+            return None if batch is None else (batch, self.loader.state_dict())
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
 def seed_all(seed: int) -> None:
@@ -180,12 +233,12 @@ def train(cfg: dict) -> dict:
 
     every = int(get(cfg, "train.checkpoint_every", 0)) or steps_per_epoch
 
-    def save() -> None:
+    def save(loader_state) -> None:
         rngs = distributed.all_gather_object(checkpoint.rng_state())
         if info.is_main:
             checkpoint.save(out, dict(step=step, model=method.state_dict(), optimizer=optimizer.state_dict(),
                                       scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                                      rng=rngs, loader=loader.state_dict(), world_size=info.world_size,
+                                      rng=rngs, loader=loader_state, world_size=info.world_size,
                                       epoch=step // steps_per_epoch), cfg)
         distributed.barrier()
 
@@ -197,12 +250,13 @@ def train(cfg: dict) -> dict:
             if fresh_epoch:
                 loader.set_epoch(epoch)
             fresh_epoch = True
-            batches = iter(loader)
+            batches = Prefetch(loader, int(get(cfg, "data.prefetch", 2)))
             while step < total:
                 t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
+                item = batches.next()
+                if item is None:
                     break
+                batch, loader_state = item
                 batch = to_device(batch, info.device, channels_last)
                 t_data = time.perf_counter() - t0
                 if get(cfg, "debug.nan_at_step") == step + 1:  # test hook: corrupt this batch's pixels
@@ -213,11 +267,13 @@ def train(cfg: dict) -> dict:
                 step += 1
                 metrics.step(step, loss, lr, time.perf_counter() - t0, t_data, logs)
                 if step % every == 0 or step == total:
-                    save()
+                    save(loader_state)
                 maybe_fault(cfg, info, step)
                 if step % steps_per_epoch == 0:
                     break
+            batches.close()
     except NonFiniteLoss as e:
+        batches.close()
         last = checkpoint.checkpoint_dir(out) / checkpoint.LAST
         kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written yet"
         metrics.event("non_finite_loss", step=step + 1)
@@ -239,8 +295,6 @@ def train(cfg: dict) -> dict:
               + (f"; exported {', '.join(str(p) for p in exported.values())}" if exported else ""),
               file=sys.stderr, flush=True)
     metrics.close()
-    with contextlib.suppress(Exception):
-        del batches
     distributed.shutdown()
     return dict(step=step, total=total, **summary)
 
