@@ -41,7 +41,8 @@ class ImageRecord:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    # not is_file(): a dangling link or unreadable entry is listed so it becomes an error row
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
 
 
 def _require_dir(path: Path, what: str, fix: str) -> Path:

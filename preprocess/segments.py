@@ -3,9 +3,12 @@
 DetCon ran skimage's felzenszwalb(scale=1000, sigma=0.8, min_size=1000) at full resolution.
 We run OpenCV's implementation of the same algorithm (C++, several times faster; k plays the
 role of skimage's scale on 0-255 pixels). Above `max_side` the image is segmented on a
-downscaled copy with the parameters scaled to keep segment sizes the same relative to the
-image: areas shrink by s^2, so k and min_size are multiplied by s^2 and sigma by s. The
-label map is upsampled back with nearest neighbour, so it always has the original's size.
+downscaled copy (factor s) with min_size * s^2 (an area) and sigma * s (a length); k is kept.
+Scaling k by s^2 too looks consistent on paper, but averaging pixels lowers the contrast
+inside regions and the copy then over-segments: on 10 coco128 photos at s = 0.5 it agreed
+with the full-resolution segmentation on 75% of pixel pairs (same/different segment) against
+87% with k kept (79% vs 72% at s = 0.25). The label map is upsampled back with nearest
+neighbour, so it always has the original's size.
 
 Label ids are 0..n-1 in raster order of first appearance (deterministic). DetCon stored
 uint8 and silently wrapped ids >= 256; here the PNG is 8-bit when the largest id is <= 255
@@ -57,7 +60,7 @@ def fh_segments(rgb: np.ndarray, p: SegmentParams = SegmentParams()) -> np.ndarr
     if s < 1.0:
         small_size = resized_size(width, height, p.max_side)
         small = cv2.resize(rgb, small_size, interpolation=cv2.INTER_AREA)
-        labels = felzenszwalb(small, p.scale * s * s, p.sigma * s, max(1, round(p.min_size * s * s)))
+        labels = felzenszwalb(small, p.scale, p.sigma * s, max(1, round(p.min_size * s * s)))
         labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
     else:
         labels = felzenszwalb(rgb, p.scale, p.sigma, p.min_size)
