@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import struct
 import sys
 import zlib
@@ -151,8 +150,12 @@ def index_row(row: dict, **fields) -> dict:
     return out
 
 
-def load_parts(pdir: Path) -> tuple[pa.Table, list[dict], dict]:
-    """All parts, validated, as one table; plus their fingerprints and the job's params."""
+def load_parts(pdir: Path, spill: Path) -> tuple[pa.Table, list[dict], dict]:
+    """All parts, validated, as one table; plus their fingerprints and the job's params.
+
+    Parts are copied one at a time into an uncompressed Arrow file at `spill` and read
+    back memory-mapped: the shuffled order touches rows all over the dataset, and the
+    label-map bytes of a large dataset would not fit in memory."""
     parts = sorted(pdir.glob("part-*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no proposals parts (part-*.parquet) in {pdir}; run "
@@ -162,21 +165,25 @@ def load_parts(pdir: Path) -> tuple[pa.Table, list[dict], dict]:
     if job.get("complete") is False:
         raise SystemExit(f"{job_path} says the proposals job has not finished; rerun "
                          "make proposals (it resumes) before make shards")
-    tables, fingerprints, params = [], [], {}
-    for p in parts:
-        t = validate(pq.read_table(p), PROPOSALS, str(p))
-        params = params or table_params(t.schema)
-        tables.append(t.replace_schema_metadata(None))
-        fingerprints.append({"name": p.name, "sha256": sha256_file(p), "rows": t.num_rows})
-    table = pa.concat_tables(tables)
-    seen: dict[str, str] = {}
-    for key, fp in zip(table.column("key").to_pylist(),
-                       (f["name"] for f in fingerprints for _ in range(f["rows"]))):
-        check_key(key, str(pdir / fp))
-        if key in seen:
-            raise SchemaError(f"duplicate sample key {key!r} in {pdir / seen[key]} and "
-                              f"{pdir / fp}; rerun make proposals into an empty folder")
-        seen[key] = fp
+    fingerprints, params, seen = [], {}, {}
+    spill.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_file(sink, PROPOSALS.schema) as out:
+            for p in parts:
+                t = validate(pq.read_table(p), PROPOSALS, str(p))
+                params = params or table_params(t.schema)
+                for key in t.column("key").to_pylist():
+                    check_key(key, str(p))
+                    if key in seen:
+                        raise SchemaError(f"duplicate sample key {key!r} in {pdir / seen[key]} "
+                                          f"and {p}; rerun make proposals into an empty folder")
+                    seen[key] = p.name
+                out.write_table(t.replace_schema_metadata(None))
+                fingerprints.append({"name": p.name, "sha256": sha256_file(p), "rows": t.num_rows})
+    except BaseException:
+        spill.unlink(missing_ok=True)
+        raise
+    table = pa.ipc.open_file(pa.memory_map(str(spill))).read_all()
     return table, fingerprints, {"job": job, "part_params": params}
 
 
@@ -216,7 +223,10 @@ class Writer:
     def __init__(self, dataset: str, pdir: Path, out: Path, params: PackParams, root=None):
         self.dataset, self.pdir, self.out, self.params = dataset, Path(pdir), Path(out), params
         self.rows_dir = self.out / ROWS_DIR
-        self.table, self.inputs, self.preprocessing = load_parts(self.pdir)
+        self.spill = self.rows_dir / ".proposals.arrow.tmp"  # see load_parts
+        remove_stale_temporaries(self.out)
+        remove_stale_temporaries(self.rows_dir)
+        self.table, self.inputs, self.preprocessing = load_parts(self.pdir, self.spill)
         self.root = dataset_root(self.preprocessing["job"], root, self.pdir)
         status = self.table.column("status").to_pylist()
         self.ok = [i for i, s in enumerate(status) if s == "ok"]
@@ -248,7 +258,8 @@ class Writer:
                 p.unlink()
             for name in ("index.parquet", "manifest.json"):
                 (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(self.rows_dir, ignore_errors=True)
+            for p in [*self.rows_dir.glob("*.parquet"), self.rows_dir / PLAN_FILE]:
+                p.unlink(missing_ok=True)
         self.rows_dir.mkdir(parents=True, exist_ok=True)
         if not plan_path.is_file():
             atomic_write_text(plan_path, plan)
@@ -267,8 +278,13 @@ class Writer:
             done.append(record | {"rows": pq.read_table(rows).to_pylist()})
 
     def run(self, overwrite: bool = False) -> dict:
-        remove_stale_temporaries(self.out)
-        remove_stale_temporaries(self.rows_dir)
+        try:
+            return self._run(overwrite)
+        finally:
+            self.table = None
+            self.spill.unlink(missing_ok=True)
+
+    def _run(self, overwrite: bool) -> dict:
         self.check_plan(overwrite)
         shards = self.finished_shards()
         pos = shards[-1]["end"] if shards else 0
