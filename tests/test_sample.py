@@ -130,3 +130,24 @@ def test_missing_roots_name_the_fix(tmp_path):
         list_images("sample", tmp_path)
     with pytest.raises(DatasetError, match="unknown dataset kind"):
         list_images("laion", tmp_path)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_ground_truth_follows_exif_orientation_like_the_pixels(orientation):
+    """Boxes mapped with orient_points land where PIL's transposition puts the mask's pixels."""
+    from preprocess.datasets import gt_in_stored_frame, orient_mask
+    mask = np.zeros((30, 50), bool)
+    mask[4:12, 7:20] = True
+    ann = {"id": 1, "bbox": [7, 4, 13, 8], "segmentation": rle_encode(mask), "category_id": 1}
+    anns, label_map = gt_in_stored_frame([ann], (50, 30), (50, 30), orientation)
+    moved = orient_mask(mask, orientation)
+    ys, xs = np.nonzero(moved)
+    assert anns[0]["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+    np.testing.assert_array_equal(label_map == 1, moved)
+    np.testing.assert_array_equal(annotation_mask(anns[0], *moved.shape), moved)
+
+
+def test_ground_truth_for_another_image_size_is_refused():
+    from preprocess.datasets import gt_in_stored_frame
+    with pytest.raises(DatasetError, match="does not match"):
+        gt_in_stored_frame([], (640, 480), (320, 240), 1)
