@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,20 @@ def _flat_keys(cfg: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_value(raw: str, item: str = "") -> Any:
+    """YAML value, except that `1e-5` is a float (YAML 1.1 would keep it a string)."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    return float(value) if isinstance(value, str) and _FLOAT.fullmatch(value) else value
+
+
 def apply_override(cfg: dict, item: str) -> None:
     """Apply one `a.b.c=value` (or `+a.b.c=value` for a new key) in place."""
     if "=" not in item:
@@ -75,10 +90,7 @@ def apply_override(cfg: dict, item: str) -> None:
             raise ConfigError(f"override {item!r}: unknown key {'.'.join(parts[:i + 1])!r}{hint} "
                               f"(prefix with + to add a new key)")
         if last:
-            try:
-                node[part] = yaml.safe_load(raw) if raw != "" else ""
-            except yaml.YAMLError as e:
-                raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+            node[part] = parse_value(raw, item)
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
