@@ -1,0 +1,169 @@
+"""Loader tests: geometric exactness of every recipe on both backends, DALI vs reference
+distributions, rank x worker splitting, resume, and bad shards. Synthetic shards with
+objects of known colours (train/loader/synthetic.py) are the pixel oracle; the real
+built-in sample (`sample_shards`) checks the batch contract on real shards."""
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from loader_checks import (box_frames_object, classify, expected_labels, interior, margin_for)
+from train.loader import ShardReadError, build_loader, geometry as G
+from train.loader.source import ShardSource, decode_png
+from train.loader.split import Split, worker_batches
+from train.loader.synthetic import write_shards
+
+RECIPES = ["soco", "soco_star", "detcon", "maskco", "mocov2"]
+BACKENDS = ["dali", "reference"]
+N_SYN = 16
+BATCH = 4
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def syn_shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("syn") / "shards", N_SYN, per_shard=4, seed=3)
+
+
+@pytest.fixture(scope="session")
+def syn_labels(syn_shards):
+    src = ShardSource(syn_shards)
+    return [decode_png(src._read(r, "fh.png"), r.key) for r in src.refs]
+
+
+def exact_loader(recipe, shards, backend, **kw):
+    """Colour augmentation and box jitter off: what remains is pure geometry."""
+    if recipe.startswith("soco"):
+        kw.setdefault("jitter_prob", 0.0)
+    return build_loader(recipe, shards, BATCH, backend=backend, num_workers=0, colour=False, **kw)
+
+
+def box_view(key: str) -> str:
+    return "view1" if key.startswith("boxes1_") else "view" + key[len("boxes"):]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_views_boxes_and_masks_match_their_pixels(recipe, backend, syn_shards, syn_labels):
+    loader = exact_loader(recipe, syn_shards, backend)
+    names = [s.name for s in loader.recipe.views]
+    checked_boxes = 0
+    for batch in itertools.islice(loader, 2):  # 8 samples: every image size twice
+        for i in range(BATCH):
+            src = syn_labels[int(batch["index"][i])]
+            classes = {}
+            for v, name in enumerate(names):  # every view shows the crop its parameters say
+                p, size = batch["views"][i, v], batch[name].shape[-1]
+                classes[name] = classify(batch[name][i])
+                want = expected_labels(src, p, size)
+                ok = interior(want, margin_for(p, size))
+                if "query_box" in batch and name == "query":  # MaskCo's zeroed box is checked in its own test
+                    qb, m = batch["query_box"][i].numpy(), margin_for(p, size)
+                    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+                    ok &= ~((xs > qb[0] - m) & (xs < qb[2] + m) & (ys > qb[1] - m) & (ys < qb[3] + m))
+                assert (classes[name][ok] == want[ok]).mean() > 0.99, (name, p)
+            for key in [k for k in batch if k.startswith("boxes")]:
+                view = box_view(key)
+                p = batch["views"][i, names.index(view)]
+                ids = batch["ids" + key[len("boxes"):]][i]
+                assert batch["valid" + key[len("boxes"):]][i].all()  # SoCo pads by resampling
+                for j, obj in enumerate(ids.tolist()):
+                    if obj >= src.max():  # the whole-view fallback frames no object
+                        continue
+                    why = box_frames_object(classes[view], batch[key][i, j].numpy(), obj + 1,
+                                            margin_for(p, batch[view].shape[-1]))
+                    assert why is None, f"{key}[{i},{j}]: {why}"
+                    checked_boxes += 1
+            for mask_key, view in loader.recipe.mask_views.items():
+                p = batch["views"][i, names.index(view)]
+                mask = batch[mask_key][i].numpy()
+                ok = interior(mask, margin_for(p, mask.shape[-1])) & (classes[view] >= 0)
+                assert (mask[ok] == classes[view][ok]).mean() > 0.99
+    if recipe.startswith("soco"):
+        assert checked_boxes > 2 * BATCH * 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("source", ["mcg", "gt", "grid"])
+def test_detcon_mask_sources(source, backend, syn_shards, syn_labels):
+    """mcg: each pixel takes the best-ranked (lowest bit) mask: objects keep their own
+    bit (id = bit + 1) over the whole-image mask (bit 15, id 16); gt: instance ids;
+    grid: a 5x5 grid over the source image moves with the crop."""
+    loader = exact_loader("detcon", syn_shards, backend, mask_source=source)
+    batch = next(iter(loader))
+    for i in range(BATCH):
+        src = syn_labels[int(batch["index"][i])]
+        for v, (mask_key, view) in enumerate(loader.recipe.mask_views.items()):
+            p, mask = batch["views"][i, v], batch[mask_key][i].numpy()
+            if source == "mcg":
+                want = expected_labels(np.where(src > 0, src, 16), p, 224)
+            elif source == "gt":
+                want = expected_labels(src, p, 224)
+            else:
+                want = expected_labels(G.grid_labels(*src.shape, 5, 5), p, 224)
+            ok = interior(want, 1)
+            assert (mask[ok] == want[ok]).mean() > 0.99
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_maskco_boxes_and_masked_query(backend, syn_shards):
+    loader = build_loader("maskco", syn_shards, BATCH, backend=backend, num_workers=0)
+    for batch in loader:
+        kb, qb = batch["key_boxes"], batch["query_box"]
+        assert kb.shape == (BATCH, 17, 4) and qb.shape == (BATCH, 4)
+        side = torch.stack([kb[..., 2] - kb[..., 0], kb[..., 3] - kb[..., 1]], -1)
+        assert side.min() >= 32 - 1e-3 and side.max() <= 128 + 1e-3
+        assert kb.min() >= 0 and kb.max() <= 224
+        for i in range(BATCH):
+            assert G.iou(kb[i, 0].numpy(), kb[i, 1:].numpy()).max() < 0.2
+            # box 0 and the query box are the same source region (views hold the crops)
+            views = [G.View(*p[:4].tolist(), 224, 224, bool(p[4])) for p in batch["views"][i]]
+            q_src = G.to_source(qb[i].numpy(), views[0])[0]
+            k_src = G.to_source(kb[i, 0].numpy(), views[1])[0]
+            np.testing.assert_allclose(q_src, k_src, atol=1e-2)
+            x1, y1, x2, y2 = qb[i].tolist()
+            inside = batch["query"][i, :, int(np.ceil(y1)):int(y2), int(np.ceil(x1)):int(x2)]
+            assert inside.numel() > 0 and inside.abs().max() == 0
+            assert batch["query"][i].abs().sum() > inside.abs().sum()
+
+
+def test_dali_and_reference_agree_in_distribution(syn_shards):
+    """Crop scale and aspect ratio (DetCon's 0.08..1, the widest range), flip rate, and how
+    many distinct proposals SoCo keeps, over the same epochs from both backends (their
+    crop samplers are independent: geometry.rrc vs torchvision's RandomResizedCrop)."""
+    src = ShardSource(syn_shards)
+    stats = {}
+    for backend in BACKENDS:
+        crops, areas, kept = [], [], []
+        for recipe, epochs in (("detcon", 4), ("soco", 2)):
+            loader = exact_loader(recipe, syn_shards, backend, seed=11)
+            for epoch in range(epochs):
+                loader.set_epoch(epoch)
+                for batch in loader:
+                    if recipe == "detcon":
+                        crops.append(batch["views"].reshape(-1, 5))
+                        for i in batch["index"].tolist():
+                            raw = src.load(i)
+                            areas += [raw.width * raw.height] * 2
+                    else:
+                        kept += [len(set(row.tolist())) for row in batch["ids2"]]
+        c = torch.cat(crops).numpy()
+        stats[backend] = dict(scale=c[:, 2] * c[:, 3] / np.array(areas), aspect=np.log(c[:, 2] / c[:, 3]),
+                              flip=c[:, 4], kept=np.array(kept))
+    d, r = stats["dali"], stats["reference"]
+    assert len(d["flip"]) == len(r["flip"]) == 4 * N_SYN * 2
+    for q in (0.25, 0.5, 0.75):
+        assert abs(np.quantile(d["scale"], q) - np.quantile(r["scale"], q)) < 0.1
+    assert 0.08 * 0.9 < d["scale"].min() and d["scale"].max() <= 1.0
+    assert abs(d["aspect"].mean() - r["aspect"].mean()) < 0.06
+    assert abs(d["aspect"].std() - r["aspect"].std()) < 0.04
+    assert abs(d["flip"].mean() - r["flip"].mean()) < 0.12
+    assert abs(d["kept"].mean() - r["kept"].mean()) < 0.4
