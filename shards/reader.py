@@ -127,6 +127,9 @@ class ShardDataset:
         ok.sort(key=lambda r: (order[r["shard"]], r["position"]))
         self._rows = ok
         self._by_key = {r["key"]: r for r in ok}
+        self._by_shard: dict[str, list[dict]] = {name: [] for name in self.shards}
+        for r in ok:
+            self._by_shard[r["shard"]].append(r)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -171,10 +174,11 @@ class ShardDataset:
 
     def iter_shard(self, name: str) -> Iterator[Sample]:
         """The samples of one tar, in tar order (for splitting work by shard)."""
+        if name not in self._by_shard:
+            raise KeyError(f"{name!r} is not a shard of {self.dir}; see ShardDataset.shards")
         with open(self.dir / name, "rb") as f:
-            for row in self._rows:
-                if row["shard"] == name:
-                    yield self._read(f, row)
+            for row in self._by_shard[name]:
+                yield self._read(f, row)
 
     def __iter__(self) -> Iterator[Sample]:
         for name in self.shards:

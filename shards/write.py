@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import struct
 import sys
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -219,9 +222,37 @@ def write_index(rows: list[dict], path: Path, params: dict) -> None:
         pq.write_table(table, f, compression="zstd")
 
 
+@dataclass
+class Built:
+    """One sample of the shuffled order, ready to pack (members) or failed (error)."""
+    pos: int
+    row: dict
+    members: list | None = None
+    extra: dict | None = None
+    error: str | None = None
+
+
+class Lookahead:
+    """An iterator with one item of look-ahead (the sample that starts the next shard)."""
+
+    def __init__(self, it):
+        self.it, self.buf = it, None
+
+    def peek(self):
+        if self.buf is None:
+            self.buf = next(self.it, None)
+        return self.buf
+
+    def pop(self):
+        item, self.buf = self.peek(), None
+        return item
+
+
 class Writer:
-    def __init__(self, dataset: str, pdir: Path, out: Path, params: PackParams, root=None):
+    def __init__(self, dataset: str, pdir: Path, out: Path, params: PackParams, root=None,
+                 workers: int | None = None):
         self.dataset, self.pdir, self.out, self.params = dataset, Path(pdir), Path(out), params
+        self.workers = workers or min(8, os.cpu_count() or 1)
         self.rows_dir = self.out / ROWS_DIR
         self.spill = self.rows_dir / ".proposals.arrow.tmp"  # see load_parts
         remove_stale_temporaries(self.out)
@@ -290,64 +321,72 @@ class Writer:
         pos = shards[-1]["end"] if shards else 0
         progress = Progress(f"shards {self.dataset}", len(self.order), unit="img")
         progress.update(pos, force=bool(pos))
-        tail_failures: list[dict] = []
-        pending = None
-        while pos < len(self.order) or pending is not None:
-            record, pos, pending, failures = self.write_shard(len(shards), pos, pending, progress)
-            if record is None:
-                tail_failures = failures
-                break
-            shards.append(record)
-        return self.finish(shards, tail_failures, progress)
+        with ThreadPoolExecutor(self.workers) as pool:
+            stream = Lookahead(self.built_samples(pos, pool))
+            while (record := self.write_shard(len(shards), stream, progress))["name"]:
+                shards.append(record)
+        return self.finish(shards, record["rows"], progress)
 
-    def next_sample(self, pos: int, failures: list, progress: Progress):
-        """The next packable sample from `pos` on, as (row, members, extra, its position),
-        and the position after it; unpackable ones are recorded in `failures`."""
-        while pos < len(self.order):
-            row = self.row(self.order[pos])
-            pos += 1
-            try:
-                members, extra = sample_members(row, self.root, self.params)
-                return (row, members, extra, pos - 1), pos
-            except SampleError as e:
-                failures.append(index_row(row, status="failed", error=f"packing: {e}"))
-                progress.update()
-        return None, pos
+    def build(self, pos: int) -> Built:
+        row = self.row(self.order[pos])
+        try:
+            return Built(pos, row, *sample_members(row, self.root, self.params))
+        except SampleError as e:
+            return Built(pos, row, error=f"packing: {e}")
 
-    def write_shard(self, number: int, pos: int, pending, progress: Progress):
-        """Write shard `number` from `pending` (a sample that did not fit the last shard)
-        or from order position `pos`. Returns (record or None, next pos, next pending,
-        failures); record is None when no packable sample was left."""
+    def built_samples(self, pos: int, pool: ThreadPoolExecutor):
+        """Samples from order position `pos` on, built by the pool, yielded in order.
+
+        Decoding and hashing release the GIL, so threads overlap them; the window
+        bounds memory, and consuming in order keeps the output deterministic."""
+        window: deque = deque()
+        for p in range(pos, len(self.order)):
+            window.append(pool.submit(self.build, p))
+            if len(window) >= 4 * self.workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+    def write_shard(self, number: int, stream: "Lookahead", progress: Progress) -> dict:
+        """Write shard `number` from the stream, stopping before the first sample that would
+        break a bound. Returns its record; name None (and only failure rows) when no
+        packable sample was left."""
         failures: list[dict] = []
-        start = pending[3] if pending is not None else pos
-        if pending is None:
-            pending, pos = self.next_sample(pos, failures, progress)
-            if pending is None:
-                return None, pos, None, failures
+        start = stream.peek().pos if stream.peek() else len(self.order)
+        while stream.peek() and stream.peek().error:  # leading failures belong to this shard
+            item = stream.pop()
+            failures.append(index_row(item.row, status="failed", error=item.error))
+            progress.update()
+        if not stream.peek():
+            return {"name": None, "rows": failures}
         name = self.shard_name(number)
         rows, idx_lines, size = [], [], 0
         digest = hashlib.sha256()
         with atomic_open(self.out / name) as f:
-            while pending is not None:
-                row, members, extra, _ = pending
-                data, entries = pack_sample(row["key"], members, size, self.params.mtime)
+            while item := stream.peek():
+                if item.error:
+                    failures.append(index_row(item.row, status="failed", error=item.error))
+                    stream.pop()
+                    progress.update()
+                    continue
+                data, entries = pack_sample(item.row["key"], item.members, size, self.params.mtime)
                 grown = size + len(data)
                 if rows and (len(rows) >= self.params.max_samples
                              or grown + len(end_of_archive(grown)) > self.params.max_bytes):
                     break
+                stream.pop()
                 f.write(data)
                 digest.update(data)
-                rows.append(index_row(row, status="ok", error=None, shard=name,
+                rows.append(index_row(item.row, status="ok", error=None, shard=name,
                                       position=len(rows), tar_offset=size, tar_size=len(data),
-                                      crc32=zlib.crc32(data), members=entries, **extra))
-                idx_lines.append(dali_index_line(row["key"], entries))
-                size += len(data)
+                                      crc32=zlib.crc32(data), members=entries, **item.extra))
+                idx_lines.append(dali_index_line(item.row["key"], entries))
+                size = grown
                 progress.update()
-                pending, pos = self.next_sample(pos, failures, progress)
             tail = end_of_archive(size)
             f.write(tail)
             digest.update(tail)
-        end = pending[3] if pending is not None else pos
+        end = stream.peek().pos if stream.peek() else len(self.order)
         atomic_write_text((self.out / name).with_suffix(".idx"), dali_index(idx_lines))
         record = {"name": name, "sha256": digest.hexdigest(), "bytes": size + len(tail),
                   "num_samples": len(rows), "start": start, "end": end}
@@ -356,7 +395,7 @@ class Writer:
             b"shard": json.dumps(record, sort_keys=True).encode()})
         with atomic_open(self.rows_dir / name.replace(".tar", ".parquet")) as rf:
             pq.write_table(table, rf, compression="zstd")
-        return record | {"rows": rows + failures}, pos, pending, failures
+        return record | {"rows": rows + failures}
 
     def finish(self, shards: list[dict], tail_failures: list[dict], progress: Progress) -> dict:
         for stale in sorted(self.out.glob(f"{self.dataset}-*.tar")):
@@ -398,11 +437,11 @@ class Writer:
 
 
 def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=None, out=None,
-                 root=None, overwrite: bool = False) -> dict:
+                 root=None, overwrite: bool = False, workers: int | None = None) -> dict:
     """Pack WORK_DIR/<dataset>/proposals into WORK_DIR/<dataset>/shards; returns the manifest."""
     pdir = Path(proposals) if proposals else proposals_dir(dataset)
     out = Path(out) if out else shards_dir(dataset)
-    return Writer(dataset, pdir, out, params, root).run(overwrite)
+    return Writer(dataset, pdir, out, params, root, workers).run(overwrite)
 
 
 def main(argv=None) -> int:
@@ -417,6 +456,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-bytes", type=int, default=d.max_bytes, help="bytes per shard")
     ap.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
                     help="quality of re-encoded images (plain JPEG sources are kept as is)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads reading and checking images (default: cores, at most 8)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace shards written with other inputs or parameters")
     a = ap.parse_args(argv)
@@ -425,7 +466,7 @@ def main(argv=None) -> int:
     params = PackParams(seed=a.seed, max_samples=a.max_samples, max_bytes=a.max_bytes,
                         jpeg_quality=a.jpeg_quality)
     write_shards(a.dataset, params, proposals=a.proposals, out=a.out, root=a.root,
-                 overwrite=a.overwrite)
+                 overwrite=a.overwrite, workers=a.workers)
     return 0
 
 

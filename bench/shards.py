@@ -1,0 +1,247 @@
+"""`make bench-shards`: shard write and read throughput, as ratios to plain file I/O.
+
+Builds a synthetic dataset (photo-like 640x480 JPEGs, 16-bit label maps, 50 boxes an
+image) as PROPOSALS parts, packs it with shards.write, and reads it back four ways:
+webdataset, DALI's webdataset reader with our .idx files (CPU), our ShardDataset
+(crc-checked), and random access by key through index.parquet. Every figure is a
+ratio to a plain sequential read (or write) of the same tar bytes in the same
+process, once with the page cache warm and once after evicting the tars from it
+(posix_fadvise DONTNEED), since a training job streams from disk. Target: streaming
+reads at least 0.8 of the plain read. Writes bench/results/shards.json."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+
+from common.io import atomic_write_text
+from schemas.proposals import PROPOSALS
+from shards.reader import ShardDataset
+from shards.write import PackParams, write_shards
+
+RESULTS = Path(__file__).resolve().parent / "results" / "shards.json"
+TARGET = 0.8
+
+
+def photo_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Smooth colour fields plus texture: compresses like a photo (~60-90 KB at q90)."""
+    low = rng.integers(0, 256, (h // 32 + 1, w // 32 + 1, 3)).astype(np.uint8)
+    img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    img += rng.integers(-10, 11, (h, w, 3), dtype=np.int16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def build_dataset(root: Path, n: int, distinct: int, seed: int = 0) -> Path:
+    """`n` samples over `distinct` source images; returns the proposals folder."""
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True)
+    h, w = 480, 640
+    yy, xx = np.mgrid[0:h, 0:w]
+    sources = []
+    for i in range(distinct):
+        ok, jpg = cv2.imencode(".jpg", photo_like(rng, h, w), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        path = images / f"img{i:04d}.jpg"
+        path.write_bytes(jpg.tobytes())
+        fh = ((yy // (16 + i % 16)) * 41 + xx // (20 + i % 8)).astype(np.uint16)
+        bits = sum(((xx * (k + 1) // w + yy // (h // 4)) % 2 == 0).astype(np.uint16) << k
+                   for k in range(12)).astype(np.uint16)
+        corners = np.sort(rng.uniform(0, 1, (50, 2, 2)), axis=1)  # [box, corner, xy]
+        boxes = (corners.reshape(50, 4) * [w, h, w, h]).astype(np.float32)
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], np.minimum(boxes[:, :2] + 1, [w, h]))
+        boxes[:, :2] = np.minimum(boxes[:, :2], boxes[:, 2:] - 1)
+        sources.append({"source_path": f"images/{path.name}",
+                        "sha256": hashlib.sha256(jpg.tobytes()).hexdigest(),
+                        "fh_png": cv2.imencode(".png", fh)[1].tobytes(),
+                        "mcg_png": cv2.imencode(".png", bits)[1].tobytes(),
+                        "boxes": boxes.tolist(), "num_segments": int(fh.max()) + 1})
+    rows = [{"key": f"{k:09d}", "status": "ok", "width": w, "height": h, "num_boxes": 50,
+             "filter_rule": "soco", "num_masks": 12, "mask_scores": [0.5] * 12,
+             **sources[k % distinct]} for k in range(n)]
+    pdir = root / "proposals"
+    pdir.mkdir()
+    for p in range(0, n, 500):
+        pq.write_table(PROPOSALS.from_rows(rows[p:p + 500]), pdir / f"part-{p // 500:05d}.parquet")
+    (pdir / "_job.json").write_text(json.dumps({"root": str(root), "complete": True}))
+    return pdir
+
+
+def evict(paths) -> None:
+    """Drop the files from the page cache so the next read comes from disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def plain_read(paths) -> int:
+    total = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+    return total
+
+
+def plain_write(paths, out: Path) -> None:
+    """The same bytes written shard by shard, fsynced, as the writer does."""
+    for i, p in enumerate(paths):
+        data = Path(p).read_bytes()
+        with open(out / f"copy-{i}.tar", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_webdataset(paths) -> int:
+    import webdataset as wds
+    return sum(1 for _ in wds.WebDataset([str(p) for p in paths], shardshuffle=False,
+                                         empty_check=False))
+
+
+def dali_pipeline(ds: ShardDataset, threads: int):
+    """Built outside the timed part: DALI reads data only when run."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=64, num_threads=threads, device_id=None, prefetch_queue_depth=2)
+    def pipe():
+        return tuple(fn.readers.webdataset(
+            paths=[str(p) for p in ds.tar_paths], index_paths=[str(p) for p in ds.idx_paths],
+            ext=["jpg", "boxes", "fh.png", "mcg.png", "json"], name="reader",
+            dtypes=[types.UINT8, types.FLOAT, types.UINT8, types.UINT8, types.UINT8]))
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def read_dali(p) -> int:
+    size = p.reader_meta("reader")["epoch_size"]
+    seen = 0
+    while seen < size:
+        p.run()
+        seen += 64
+    return size
+
+
+def read_ours(ds: ShardDataset) -> int:
+    return sum(1 for _ in ds)
+
+
+def read_random(ds: ShardDataset, keys: list[str]) -> int:
+    for key in keys:
+        ds.get(key)
+    return len(keys)
+
+
+def timed(fn, *args) -> tuple[float, int]:
+    start = time.perf_counter()
+    count = fn(*args)
+    return time.perf_counter() - start, count
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="shard write/read throughput")
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--distinct", type=int, default=64, help="distinct source images")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dali-threads", type=int, default=1)
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_shards_", dir=os.environ.get("BENCH_TMP")) as tmp:
+        tmp = Path(tmp)
+        print(f"[bench-shards] building {a.samples} synthetic samples in {tmp}", flush=True)
+        pdir = build_dataset(tmp / "raw", a.samples, a.distinct)
+        out = tmp / "shards"
+        write_s = []
+        for r in range(a.repeats):
+            start = time.perf_counter()
+            write_shards("bench", PackParams(max_samples=250), proposals=pdir, out=out,
+                         overwrite=True)
+            write_s.append(time.perf_counter() - start)
+        ds, fast = ShardDataset(out), ShardDataset(out, verify_crc=False)
+        tars = ds.tar_paths
+        nbytes = sum(p.stat().st_size for p in tars)
+        copy_dir = tmp / "copy"
+        copy_dir.mkdir()
+        plain_write_s = []
+        for _ in range(a.repeats):
+            start = time.perf_counter()
+            plain_write(tars, copy_dir)
+            plain_write_s.append(time.perf_counter() - start)
+        keys = ds.keys[:]
+        random.Random(0).shuffle(keys)
+        import webdataset  # noqa: F401  (imports outside the timed part)
+        readers = {  # name: (untimed setup, timed read returning the sample count)
+            "plain_read": (lambda: None, lambda _: plain_read(tars) and len(ds)),
+            "webdataset": (lambda: None, lambda _: read_webdataset(tars)),
+            "dali_cpu": (lambda: dali_pipeline(ds, a.dali_threads), read_dali),
+            "shard_dataset": (lambda: None, lambda _: read_ours(ds)),
+            "shard_dataset_no_crc": (lambda: None, lambda _: read_ours(fast)),
+            "random_access_index": (lambda: None, lambda _: read_random(ds, keys)),
+        }
+        results = {}
+        for cache in ("warm", "cold"):
+            times = {name: [] for name in readers}
+            for _ in range(a.repeats):  # interleaved, so load changes hit all alike
+                for name, (setup, read) in readers.items():
+                    state = setup()
+                    if cache == "cold":
+                        evict(tars)
+                    else:
+                        plain_read(tars)
+                    seconds, count = timed(read, state)
+                    assert count == len(ds), (name, count)
+                    times[name].append(seconds)
+                    del state
+            base = statistics.median(times["plain_read"])
+            results[cache] = {name: {"median_s": statistics.median(t),
+                                     "samples_per_s": len(ds) / statistics.median(t),
+                                     "ratio_to_plain_read": base / statistics.median(t)}
+                              for name, t in times.items()}
+            print(f"[bench-shards] {cache} cache: " + ", ".join(
+                f"{k} {v['samples_per_s']:.0f}/s ({v['ratio_to_plain_read']:.2f}x)"
+                for k, v in results[cache].items()), flush=True)
+    write_med, plain_med = statistics.median(write_s), statistics.median(plain_write_s)
+    streaming = ("webdataset", "dali_cpu", "shard_dataset")
+    report = {
+        "bench": "shards",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "samples": len(ds), "shards": len(tars), "tar_bytes": nbytes,
+        "bytes_per_sample": nbytes / len(ds),
+        "write": {"median_s": write_med, "MB_per_s": nbytes / 1e6 / write_med,
+                  "samples_per_s": len(ds) / write_med,
+                  "plain_write_MB_per_s": nbytes / 1e6 / plain_med,
+                  "ratio_to_plain_write": plain_med / write_med},
+        "read": results,
+        "target": {"streaming_ratio_min": TARGET, **{
+            f"{cache}_met": all(results[cache][r]["ratio_to_plain_read"] >= TARGET
+                                for r in streaming) for cache in results}},
+        "notes": "ratios = plain-I/O time / measured time on the same tar bytes in this run; "
+                 "reads return raw member bytes (no image decode); cold = tars evicted from "
+                 "the page cache before each pass; medians of interleaved repeats",
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out, json.dumps(report, indent=1))
+    print(f"[bench-shards] write {report['write']['MB_per_s']:.0f} MB/s "
+          f"({report['write']['ratio_to_plain_write']:.2f}x plain write); target "
+          f"{report['target']}; wrote {a.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
