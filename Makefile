@@ -42,10 +42,10 @@ proposals: setup
 	$(PY) -m preprocess.job --dataset $(DATASET)
 
 shards: setup
-	$(PY) -m shards.write --dataset $(DATASET)
+	$(PY) -m shards.write --dataset $(DATASET) $(SHARDS_ARGS)
 
 verify: setup
-	$(PY) -m shards.verify --dataset $(DATASET)
+	$(PY) -m shards.verify --dataset $(DATASET) $(VERIFY_ARGS)
 
 bench: bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods
 
