@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -355,6 +356,44 @@ def stats_stage(ds, root: str | os.PathLike, cfg: StatsConfig, weights: str | No
                                "weights": None if weights is None else str(weights),
                                "random_weights": random_weights, "threads": threads},
         **per_actor)
+
+
+# ---------------------------------------------------------------- inside preprocess.job
+def _resolve(mode: str, weights: str | None) -> str | None:
+    """JSON of the stats params for `--stats mode`, or None when the stage is off."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--stats must be auto, on or off, not {mode!r}")
+    if mode == "off" or (mode == "auto" and not weights_available(weights)):
+        return None
+    try:
+        path = find_weights(weights)
+    except MissingWeightsError as e:  # --stats on: a usage error of the job, said plainly
+        raise ValueError(f"--stats on: {e}") from e
+    stat = path.stat()
+    name, digest = _describe_cached(str(path), stat.st_size, stat.st_mtime_ns)
+    return json.dumps(StatsConfig().params(name, digest, True), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _describe_cached(path: str, size: int, mtime_ns: int) -> tuple[str, str | None]:
+    """Hash the 100 MB weights once per process (the driver asks twice per job)."""
+    return describe_weights(Path(path))
+
+
+def job_stats_params(config) -> dict | None:
+    """For preprocess.job: the params["stats"] its parts record, or None when the ResNet
+    distance is off (--stats off, or auto without weights: `make stats` can add it later)."""
+    resolved = _resolve(getattr(config, "stats", "auto"), getattr(config, "weights", None))
+    return None if resolved is None else json.loads(resolved)
+
+
+def job_stage(ds, config, num_cpus):
+    """preprocess.job STAGES entry: the actor pool when job_stats_params(config) is on."""
+    params = job_stats_params(config)
+    if params is None:
+        return ds
+    return stats_stage(ds, config.root, StatsConfig.from_params(params),
+                       getattr(config, "weights", None), cpu_share=0.5)
 
 
 # ---------------------------------------------------------------- make stats

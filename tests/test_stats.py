@@ -211,19 +211,48 @@ def test_make_stats_without_weights_fails_clearly(parts, tmp_path, monkeypatch, 
     assert "make proposals DATASET=absent" in capsys.readouterr().err
 
 
-def test_ray_actor_pool_matches_in_process(parts):
+def test_proposals_job_runs_the_stage_when_weights_exist(sample_raw, tmp_path, monkeypatch):
+    """`make proposals --stats on` fills the columns through the actor pool in the Ray job and
+    records params["stats"], so a later `make stats` finds the parts current; `make stats
+    --force` through its own actor pool gives the same numbers. One Ray session for both.
+    The weights file holds a random ResNet-50 saved under the official name (none can be
+    downloaded here)."""
     import ray
-    paths, _ = parts
-    stats.run_stats("mini", SMALL, random_weights=True, use_ray=False)
-    local = [pq.read_table(p) for p in paths]
+    from preprocess.job import JobConfig, run
+    weights = tmp_path / stats.WEIGHTS_NAME
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    monkeypatch.setenv("WEIGHTS", str(weights))
+    work = tmp_path / "work"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        summary = stats.run_stats("mini", SMALL, random_weights=True, force=True, batch_images=2)
+        run(JobConfig(dataset="sample", root=str(sample_raw), work_dir=str(work), part_size=2,
+                      limit=3, num_cpus=2, stats="on"))
+        paths = sorted(proposals_dir_of(work).glob("part-*.parquet"))
+        rows = [r for p in paths for r in pq.read_table(p).to_pylist()]
+        again = stats.run_stats("sample", stats.StatsConfig(), force=True, work=work, batch_images=2)
     finally:
         ray.shutdown()
-    assert summary["parts_written"] == len(paths)
-    for old, p in zip(local, paths):
-        new = pq.read_table(p)
-        np.testing.assert_allclose(new.column("resnet_distance_mean").to_numpy(zero_copy_only=False),
-                                   old.column("resnet_distance_mean").to_numpy(zero_copy_only=False),
-                                   rtol=1e-5)
+    assert again["parts_written"] == len(paths) and again["with_stats"] == 3
+    refreshed = [r for p in paths for r in pq.read_table(p).to_pylist()]
+    assert [r["resnet_distance_mean"] for r in refreshed] == pytest.approx(
+        [r["resnet_distance_mean"] for r in rows], rel=1e-5)
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert all(0 <= r["resnet_distance_mean"] <= 4 and r["resnet_distance_pairs"] == 4 for r in rows)
+    assert all(r["stats_meaningful"] is True for r in rows)
+    assert table_params(pq.read_schema(paths[0]))["stats"]["weights_sha256"] == stats.sha256_file(weights)
+    model = stats.ResNetDistance(weights, device="cpu")
+    key = rows[0]["key"]
+    record = {r.key: r for r in list_images("sample", sample_raw)}[key]
+    d = dict(model.image_distances([(key, load_rgb(record.path))], stats.StatsConfig()))[key]
+    assert rows[0]["resnet_distance_mean"] == pytest.approx(float(d.mean()), rel=1e-4)
+    summary = stats.run_stats("sample", stats.StatsConfig(), use_ray=False, work=work)
+    assert summary["parts_written"] == 0 and summary["parts_skipped"] == len(paths)
+    with pytest.raises(ValueError, match="--stats on: .*does not exist"):
+        monkeypatch.setenv("WEIGHTS", str(tmp_path / "gone.pth"))
+        stats.job_stats_params(JobConfig(dataset="sample", root=str(sample_raw), stats="on"))
+
+
+def proposals_dir_of(work):
+    from common.paths import proposals_dir
+    return proposals_dir("sample", work)
