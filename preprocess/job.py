@@ -40,6 +40,7 @@ from preprocess.decode import DecodeError, decode, max_pixels
 from preprocess.mcg import MaskParams, encode_bitfield_png, mcg_masks
 from preprocess.proposals import ProposalParams, propose
 from preprocess.segments import SegmentParams, encode_label_png, fh_segments
+from preprocess.stats import job_stage as stats_stage, job_stats_params
 from schemas.proposals import PROPOSALS
 
 PART_NAME = "part-{:05d}.parquet"
@@ -66,6 +67,8 @@ class JobConfig:
     proposals: ProposalParams = field(default_factory=ProposalParams)
     segments: SegmentParams = field(default_factory=SegmentParams)
     masks: MaskParams = field(default_factory=MaskParams)
+    stats: str = "auto"              # ResNet distance (preprocess.stats): auto = on when weights are found
+    weights: str | None = None        # ResNet-50 weights file (default: $WEIGHTS, else the torch hub cache)
 
     @property
     def out_name(self) -> str:
@@ -154,7 +157,7 @@ def _process_stage(ds, config: JobConfig, num_cpus: int, batch_size: int):
 # Stages run in order on the Ray dataset of PROPOSALS rows (plus PATH_COLUMN). A stage is
 # `fn(ds, config, num_cpus) -> ds`; it may fill columns (e.g. resnet_distance_*) but must keep
 # one row per image and the key column. Append later steps here.
-STAGES: list[Callable] = []
+STAGES: list[Callable] = [stats_stage]
 
 
 def build_pipeline(items: list[dict], config: JobConfig, num_cpus: int):
@@ -194,7 +197,7 @@ def _check_previous(out: Path, job: dict) -> None:
         return
     previous = json.loads(previous_file.read_text())
     for what in ("params", "image_list_sha256"):
-        if previous.get(what) != job[what]:
+        if previous.get(what) != json.loads(json.dumps(job[what])):  # compare as stored (tuples -> lists)
             raise JobError(f"{out} holds parts made with different {what.replace('_', ' ')}; a "
                            "resume would mix them. Delete that folder, or use another WORK_DIR/--name")
 
@@ -248,7 +251,9 @@ def run(config: JobConfig) -> dict:
           f"{n_parts - len(todo)} parts already done, {len(todo)} to do", flush=True)
     start = time.perf_counter()
     if items:
-        _run_parts(items, config, out, params)
+        stats_params = job_stats_params(config)  # recorded in the parts only: `make stats` may refresh it
+        print(f"[proposals] ResNet distance: {'on' if stats_params else 'off (no weights or --stats off; `make stats` adds it later)'}", flush=True)
+        _run_parts(items, config, out, params if stats_params is None else {**params, "stats": stats_params})
     elapsed = time.perf_counter() - start
 
     table = read_parts(out, ["status", "filter_rule"])
@@ -335,11 +340,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-side", type=int, default=ProposalParams.max_side,
                    help="selective search on a copy with this longer side (0 = full resolution)")
     p.add_argument("--max-boxes", type=int, default=ProposalParams.max_boxes)
+    p.add_argument("--stats", default="auto", choices=["auto", "on", "off"],
+                   help="ResNet distance in the job (auto: on when ResNet-50 weights are found)")
+    p.add_argument("--weights", default=os.environ.get("WEIGHTS") or None, help="ResNet-50 weights file")
     a = p.parse_args(argv)
     try:
         config = JobConfig(dataset=a.dataset, root=_default_root(a.dataset, a), split=a.split, name=a.name,
                            work_dir=a.work_dir, part_size=a.part_size, batch_size=a.batch_size,
-                           num_cpus=a.num_cpus, limit=a.limit,
+                           num_cpus=a.num_cpus, limit=a.limit, stats=a.stats, weights=a.weights,
                            proposals=ProposalParams(mode=a.mode, max_side=a.max_side, max_boxes=a.max_boxes))
         run(config)
     except (JobError, ValueError) as e:
