@@ -167,3 +167,150 @@ def test_dali_and_reference_agree_in_distribution(syn_shards):
     assert abs(d["aspect"].std() - r["aspect"].std()) < 0.04
     assert abs(d["flip"].mean() - r["flip"].mean()) < 0.12
     assert abs(d["kept"].mean() - r["kept"].mean()) < 0.4
+
+
+# ---------------------------------------------------------------- splitting and resume
+def test_split_covers_every_sample_once_across_2_ranks_x_2_workers():
+    n, batch = 37, 4  # 37 does not fill the last round: wrapped copies pad it
+    for epoch in (0, 1):
+        seen, steps = [], set()
+        for rank in range(2):
+            split = Split(n, batch, world_size=2, rank=rank, seed=5)
+            steps.add(split.steps)
+            batches = split.batches(epoch)
+            assert len(batches) == split.steps
+            per_worker = [worker_batches(batches, 2, w) for w in range(2)]
+            assert sorted(sum(([s.tolist() for s, _ in wb] for wb in per_worker), [])) == \
+                sorted(s.tolist() for s, _ in batches)
+            for wb in per_worker:
+                for samples, slots in wb:
+                    seen += [int(x) for x, slot in zip(samples, slots) if slot < n]
+        assert steps == {5}  # ceil(37 / 8) on both ranks
+        assert sorted(seen) == list(range(n))
+    a, b = Split(n, batch, 2, 0, seed=5), Split(n, batch, 2, 0, seed=6)
+    assert not np.array_equal(a.order(0), a.order(1)) and not np.array_equal(a.order(0), b.order(0))
+
+
+def test_loader_ranks_and_workers_cover_the_shards(syn_shards):
+    """Two ranks x two workers through the real loaders: DALI with 2 threads and the
+    reference with 2 DataLoader processes return the split's batches in order."""
+    seen = []
+    for rank in range(2):
+        expected = [s.tolist() for s, _ in Split(N_SYN, 3, 2, rank, seed=1).batches(0)]
+        for backend in BACKENDS:
+            loader = build_loader("mocov2", syn_shards, 3, rank=rank, world_size=2, num_workers=2,
+                                  seed=1, backend=backend, colour=False, image_size=32)
+            got = [b["index"].tolist() for b in loader]
+            assert len(got) == len(loader) == 3 and got == expected
+        seen += sum(got, [])
+    assert set(seen) == set(range(N_SYN)) and len(seen) == 18  # 2 wrapped copies pad the round
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_gives_the_same_remaining_batches(backend, syn_shards):
+    kw = dict(backend=backend, num_workers=0, seed=2, image_size=64)
+    full = build_loader("soco", syn_shards, BATCH, **kw)
+    full.set_epoch(1)
+    reference = list(full)
+    partial = build_loader("soco", syn_shards, BATCH, **kw)
+    partial.set_epoch(1)
+    it = iter(partial)
+    next(it), next(it)
+    state = partial.state_dict()
+    assert (state["epoch"], state["position"]) == (1, 2)
+    resumed = build_loader("soco", syn_shards, BATCH, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # the trainer's per-epoch call must keep the loaded position
+    rest = list(resumed)
+    assert len(rest) == len(reference) - 2
+    for got, want in zip(rest, reference[2:]):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    assert resumed.state_dict()["epoch"] == 2
+    other = build_loader("soco", syn_shards, BATCH + 1, **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- bad shards
+def test_truncated_shard_is_named_with_the_fix(syn_shards, tmp_path):
+    bad = tmp_path / "shards"
+    shutil.copytree(syn_shards, bad)
+    victim = sorted(bad.glob("*.tar"))[2]
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    with pytest.raises(ShardReadError, match=f"{victim}.*truncated.*make shards"):
+        build_loader("soco", bad, BATCH, backend="reference")
+
+
+def test_missing_index_and_missing_member_are_named(syn_shards, tmp_path):
+    bad = tmp_path / "shards"
+    shutil.copytree(syn_shards, bad)
+    idx = sorted(bad.glob("*.idx"))[1]
+    idx.unlink()
+    with pytest.raises(ShardReadError, match=f"{idx}.*wds2idx"):
+        build_loader("mocov2", bad, BATCH)
+    with pytest.raises(ShardReadError, match=r"no \*\.tar shards"):
+        build_loader("mocov2", tmp_path / "empty", BATCH)
+    good = tmp_path / "nogt"
+    shutil.copytree(syn_shards, good)
+    first = sorted(good.glob("*.idx"))[0]
+    lines = first.read_text().splitlines()
+    cut = lines[1].split()
+    gt = cut.index("gt.png")
+    lines[1] = " ".join(cut[:gt] + cut[gt + 4:])  # sample without a ground-truth map
+    first.write_text("\n".join(lines) + "\n")
+    loader = build_loader("detcon", good, N_SYN, backend="reference", num_workers=0, mask_source="gt")
+    with pytest.raises(ShardReadError, match=r"gt\.png is missing.*mask source"):
+        next(iter(loader))
+
+
+def test_unknown_recipe_parameter_is_refused(syn_shards):
+    with pytest.raises(ValueError, match="no parameters.*jiter_prob"):
+        build_loader("soco", syn_shards, BATCH, jiter_prob=0.2)
+    with pytest.raises(ValueError, match="mask_source"):
+        build_loader("detcon", syn_shards, BATCH, mask_source="slic")
+
+
+# ---------------------------------------------------------------- geometry
+def test_mcg_bitfield_takes_the_lowest_set_bit():
+    bits = np.array([[0, 1, 2, 3], [6, 1 << 15, (1 << 15) | 4, 0xFFFF]], np.uint16)
+    assert G.mcg_labels(bits).tolist() == [[0, 1, 2, 1], [2, 16, 3, 1]]
+
+
+def test_box_round_trip_and_flip():
+    view = G.View(10, 20, 40, 80, 20, 40, True)
+    boxes = np.array([[15, 30, 25, 50], [0, 0, 100, 100]], np.float32)
+    out = G.to_view(boxes, view)
+    # 15..25 -> 2.5..7.5 in view x, mirrored in a 20 px view -> 12.5..17.5; the second is clipped
+    np.testing.assert_allclose(out, [[12.5, 5, 17.5, 15], [0, 0, 20, 40]])
+    np.testing.assert_allclose(G.to_source(out[:1], view), boxes[:1], atol=1e-5)
+
+
+def test_soco_jitter_moves_half_the_boxes_by_at_most_ten_percent():
+    rng = np.random.default_rng(0)
+    boxes = np.tile(np.array([[100, 100, 200, 150]], np.float32), (4000, 1))
+    out = G.jitter(rng, boxes, 0.5, 0.1)
+    moved = np.any(out != boxes, axis=1)
+    assert 0.45 < moved.mean() < 0.55
+    w, h = out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]
+    assert np.abs(out[:, 0] - 100).max() <= 10 + 1e-4 and np.abs(out[:, 1] - 100).max() <= 5 + 1e-4
+    assert 90 - 1e-4 <= w.min() and w.max() <= 110 + 1e-4 and 45 - 1e-4 <= h.min() <= h.max() <= 55 + 1e-4
+
+
+def test_soco_selection_uses_only_boxes_overlapping_the_intersection():
+    from train.loader.recipes import NumpyDraw, Recipe
+    recipe = Recipe("soco", jitter_prob=0.0)
+    boxes = np.array([[0, 0, 10, 10], [150, 110, 160, 120], [60, 40, 100, 80]], np.float32)
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        plan = recipe.plan(160, 120, boxes, NumpyDraw(rng), rng)
+        for tag in ("2", "3"):
+            view = plan.views[f"view{tag}"]
+            ids = plan.ids[f"ids{tag}"]
+            assert len(ids) == 4 and (ids == plan.ids[f"ids1_{tag}"]).all()
+            real = ids[ids < len(boxes)]
+            assert G.overlapping(boxes[real], view.rect).all()
+            if len(real) < len(ids):  # only the whole-view fallback may replace proposals
+                assert (ids == len(boxes)).all() and not G.overlapping(boxes, view.rect).any()
