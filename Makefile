@@ -47,6 +47,15 @@ shards: setup
 verify: setup
 	$(PY) -m shards.verify --dataset $(DATASET) $(VERIFY_ARGS)
 
+# Audit (issue 4): ResNet distance into existing parts, then the HTML report.
+# WEIGHTS=path/resnet50-0676ba61.pth (else the torch hub cache); STATS_ARGS e.g. --force.
+stats: setup
+	$(PY) -m preprocess.stats --dataset $(DATASET) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(STATS_ARGS)
+
+# make report DATASETS="coco imagenet" [NAME=...] -> $(WORK_DIR)/report/NAME/index.html
+report: setup
+	$(PY) -m preprocess.report --datasets "$(DATASETS)" $(if $(NAME),--name $(NAME)) $(REPORT_ARGS)
+
 bench: bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods
 
 bench-preprocess: setup setup-bench
@@ -54,6 +63,9 @@ bench-preprocess: setup setup-bench
 
 bench-shards: setup
 	$(PY) -m bench.shards
+
+bench-stats: setup
+	$(PY) -m bench.stats
 
 clean:
 	rm -rf $(WORK_DIR)
