@@ -309,3 +309,30 @@ def test_end_to_end_on_the_real_preprocessing_job(sample_parts, sample_shards):
         assert (sample.gt is None) == (row["gt_json"] is None)
         assert sample.meta["source_path"] == row["source_path"]
     assert verify_main(["--dir", str(sample_shards), "--decode"]) == 0
+
+
+@pytest.mark.coco128
+def test_real_photos_and_a_greyscale_jpeg(coco128_root, tmp_path):
+    """coco128 photos keep their source bytes; the one greyscale JPEG is re-encoded as RGB
+    (flagged in the index) and decodes to exactly the pixels stored_jpeg reported."""
+    from preprocess.decode import stored_jpeg
+    grey = "000000000086"
+    keys = {grey, "000000000009", "000000000025", "000000000030", "000000000034",
+            "000000000036"}
+    pdir = tmp_path / "proposals"
+    info = build_parts(coco128_root, pdir, kind="coco", split="train2017", only=keys)
+    out = tmp_path / "shards"
+    write_shards("coco128", PackParams(max_samples=2), proposals=pdir, out=out)
+    ds = ShardDataset(out)
+    index = {r["key"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    assert sorted(ds.keys) == sorted(info["expected"]) and grey in ds.keys
+    for sample in ds:
+        e = info["expected"][sample.key]
+        source = Path(e["path"]).read_bytes()
+        assert index[sample.key]["jpeg_reencoded"] == (sample.key == grey)
+        assert (sample.jpeg == source) == (sample.key != grey)
+        np.testing.assert_array_equal(sample.image, stored_jpeg(e["path"])[1])
+        assert sample.image.shape == e["rgb"].shape and sample.image.shape[2] == 3
+        np.testing.assert_array_equal(sample.boxes, e["boxes"])
+        assert sample.gt == e["gt"]
+    assert verify_main(["--dir", str(out), "--decode"]) == 0

@@ -37,9 +37,11 @@ def expected_arrays(i: int, w: int, h: int) -> dict:
             "masks": masks, "gt_labels": gt_labels, "boxes": boxes}
 
 
-def build_parts(raw_root: Path, pdir: Path, keys_override: dict | None = None) -> dict:
-    """Two PROPOSALS parts over the sample images (one row failed); returns expectations."""
-    records = list_images("sample", raw_root)
+def build_parts(raw_root: Path, pdir: Path, keys_override: dict | None = None,
+                kind: str = "sample", split: str | None = None, only: set | None = None) -> dict:
+    """Two PROPOSALS parts over a dataset's images (the 4th row failed); returns
+    expectations. `only` restricts to those keys."""
+    records = [r for r in list_images(kind, raw_root, split) if only is None or r.key in only]
     rows, expected = [], {}
     for i, rec in enumerate(records):
         key = (keys_override or {}).get(rec.key, rec.key)
@@ -67,5 +69,6 @@ def build_parts(raw_root: Path, pdir: Path, keys_override: dict | None = None) -
     for n, chunk in enumerate((rows[:half], rows[half:])):
         pq.write_table(PROPOSALS.from_rows(chunk, params={"test": True}),
                        pdir / f"part-{n:05d}.parquet")
-    (pdir / "_job.json").write_text(json.dumps({"root": str(raw_root), "dataset": "sample"}))
+    (pdir / "_job.json").write_text(json.dumps({"root": str(raw_root), "dataset": kind,
+                                                "complete": True}))
     return {"expected": expected, "failed": rows[3]["key"], "n_rows": len(rows)}
