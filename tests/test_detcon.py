@@ -4,13 +4,16 @@ written here (explicit loops in float64 / one-hot average pooling)."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from train.methods.detcon import detcon_loss, masks_to_grid, pool_in_masks, sample_mask_ids
+from train.methods.detcon import detcon_loss, gather_targets, masks_to_grid, pool_in_masks, sample_mask_ids
 
 torch.set_num_threads(1)
 
@@ -197,3 +200,58 @@ def test_pool_in_masks_is_mean_inside_each_mask():
         for m in range(ids.shape[1]):
             inside = [feats[b, :, y, x] for y in range(3) for x in range(4) if cells[b, y, x] == ids[b, m]]
             assert torch.allclose(got[b, m], torch.stack(inside).mean(0))
+
+
+# --- a real 2-process gloo group -------------------------------------------------------
+def _gloo_worker(rank, world, init_file, arrays, out_dir):
+    """One rank: DetCon-B loss on gathered targets; DetCon-S loss and gradients through
+    the differentiable gather. Writes its results for the parent to compare."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        pred1, pred2, t1, t2, ids1, ids2 = _torch(*arrays)
+        B = len(ids1) // world
+        mine = slice(rank * B, rank * B + B)
+        (g1, g2), offset = gather_targets([t1[mine], t2[mine]])
+        loss_b = detcon_loss(pred1[mine], pred2[mine], g1, g2, ids1[mine], ids2[mine], ids1[mine], ids2[mine],
+                             offset=offset)
+        z1, z2 = (t[mine].clone().requires_grad_(True) for t in (t1, t2))
+        (g1, g2), offset = gather_targets([z1, z2])
+        loss_s = detcon_loss(z1, z2, g1, g2, ids1[mine], ids2[mine], ids1[mine], ids2[mine], offset=offset)
+        loss_s.backward()
+        torch.save(dict(offset=offset, loss_b=loss_b.item(), loss_s=loss_s.item(), grad1=z1.grad, grad2=z2.grad),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_gather_targets_and_route_detcon_s_gradients(tmp_path):
+    world, B = 2, 2
+    rng = np.random.default_rng(7)
+    pred1, pred2, t1, t2 = rng.normal(size=(4, world * B, 5, 6))
+    ids1, ids2 = rng.integers(0, 4, size=(2, world * B, 5))
+    arrays = (pred1, pred2, t1, t2, ids1, ids2)
+    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), arrays, str(tmp_path)), nprocs=world)
+    # reference in one process: DetCon-S's objective is the sum of the per-rank losses
+    z1, z2 = (torch.tensor(t, requires_grad=True) for t in (t1, t2))
+    i1, i2 = _torch(ids1, ids2)
+    total = 0
+    for rank in range(world):
+        mine = slice(rank * B, rank * B + B)
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["offset"] == rank * B
+        want_b = reference_loss(pred1[mine], pred2[mine], t1, t2, ids1[mine], ids2[mine], ids1[mine], ids2[mine],
+                                offset=rank * B)
+        want_s = reference_loss(t1[mine], t2[mine], t1, t2, ids1[mine], ids2[mine], ids1[mine], ids2[mine],
+                                offset=rank * B)
+        assert got["loss_b"] == pytest.approx(want_b, rel=1e-10)
+        assert got["loss_s"] == pytest.approx(want_s, rel=1e-10)
+        total = total + detcon_loss(z1[mine], z2[mine], z1, z2, i1[mine], i2[mine], i1[mine], i2[mine],
+                                    offset=rank * B)
+    total.backward()
+    for rank in range(world):
+        mine = slice(rank * B, rank * B + B)
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # each rank's rows get the gradient of *both* ranks' losses (the other rank's through the gather)
+        assert torch.allclose(got["grad1"], z1.grad[mine], rtol=1e-9, atol=1e-12)
+        assert torch.allclose(got["grad2"], z2.grad[mine], rtol=1e-9, atol=1e-12)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from train.methods import get
-from train.methods.mocov2 import KeyQueue, infonce
+from train.methods.mocov2 import KeyQueue, infonce, shuffle_across_ranks, shuffle_bn_mode, unshuffle_across_ranks
 
 torch.set_num_threads(1)
 
@@ -113,3 +116,33 @@ def test_mocov2_momentum_update_is_constant_ema():
 def test_mocov2_rejects_unknown_options():
     with pytest.raises(ValueError, match="unknown mocov2 model keys"):
         get("mocov2").build({"model": {"queue": 5}})
+
+
+def _shuffle_worker(rank, world, init_file, out_dir):
+    """One gloo rank: shuffle its rows across ranks, apply a per-row 'key encoder', unshuffle."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)                           # ranks draw differently: rank 0's permutation must win
+        x = torch.arange(4, dtype=torch.float32)[:, None] + 10 * rank + torch.zeros(4, 3)
+        shuffled, inverse = shuffle_across_ranks(x)
+        keys = unshuffle_across_ranks(2 * shuffled + 1, inverse)
+        torch.save(dict(x=x, shuffled=shuffled, inverse=inverse, keys=keys,
+                        auto=shuffle_bn_mode("auto", torch.device("cpu")), forced=shuffle_bn_mode(True, x.device)),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shuffled_bn_permutes_the_global_batch_and_restores_each_ranks_order(tmp_path):
+    world = 2
+    mp.spawn(_shuffle_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    everything = torch.cat([g["x"] for g in got])
+    assert torch.equal(got[0]["inverse"], got[1]["inverse"])                  # one permutation for all
+    shuffled = torch.cat([g["shuffled"] for g in got])
+    assert sorted(shuffled[:, 0].tolist()) == sorted(everything[:, 0].tolist())   # a permutation
+    assert torch.equal(shuffled[got[0]["inverse"]], everything)
+    for g in got:
+        assert torch.equal(g["keys"], 2 * g["x"] + 1)                           # back in the rank's own order
+        assert g["auto"] is False and g["forced"] is True                      # auto: CUDA only

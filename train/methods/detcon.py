@@ -139,6 +139,16 @@ DEFAULTS = dict(variant="b", num_samples=16, temperature=0.1, hidden_dim=4096, d
                 base_momentum=0.996, gather=True)
 
 
+def gather_targets(targets: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """Every rank's targets in rank order, and where this rank's images start. The
+    gather is differentiable: DetCon-S's gradients reach every rank's copy (summed over
+    ranks, so DDP's average is the gradient of the mean per-rank loss); DetCon-B's
+    targets carry no gradient anyway."""
+    if not dist.is_initialized():
+        return targets, 0
+    return [all_gather_with_grad(t) for t in targets], dist.get_rank() * targets[0].shape[0]
+
+
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """DetCon's projector/predictor: Linear -> BN -> ReLU -> Linear without bias (2.5)."""
     mlp = MLP(in_dim, hidden_dim, out_dim, bn=True)
@@ -187,10 +197,7 @@ class DetCon(Method):
                           for v, c, i in zip(views, cells, ids)]
         else:
             pred = target = z                                               # DetCon-S: shared, grads both ways
-        offset = 0
-        if self.gather and dist.is_initialized():      # DetCon-S: gradients reach every rank's copy
-            offset = dist.get_rank() * target[0].shape[0]
-            target = [all_gather_with_grad(t) for t in target]
+        target, offset = gather_targets(target) if self.gather else (target, 0)
         loss = detcon_loss(pred[0], pred[1], target[0], target[1], ids[0], ids[1], ids[0], ids[1],
                            offset=offset, temperature=self.temperature)
         paired = (ids[0][:, :, None] == ids[1][:, None, :]).any(dim=2).float().mean()
