@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 CHUNK = 1 << 20
+_UMASK = os.umask(0o022)  # read once, restored at once: mkstemp makes 0600 files, and
+os.umask(_UMASK)          # outputs (shards on shared storage) must get the usual mode
 
 
 @contextlib.contextmanager
@@ -25,6 +27,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
