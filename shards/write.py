@@ -278,11 +278,16 @@ class Writer:
         """Refuse to mix shards of other inputs or parameters into this set."""
         plan_path = self.rows_dir / PLAN_FILE
         plan = json.dumps(self.plan(), sort_keys=True, indent=1)
-        if plan_path.is_file() and plan_path.read_text() != plan:
-            if not overwrite:
-                raise SystemExit(f"{self.out} holds shards of other inputs or parameters "
-                                 f"(see {plan_path}); rerun with --overwrite to replace them, "
-                                 "or pass the same parameters to resume")
+        if plan_path.is_file() and plan_path.read_text() != plan and not overwrite:
+            old = json.loads(plan_path.read_text())
+            changed = [f"{k}: {v} -> {self.plan()['packing'].get(k)}"
+                       for k, v in old.get("packing", {}).items()
+                       if v != self.plan()["packing"].get(k)]
+            if old.get("inputs") != self.inputs:
+                changed.append(f"the proposals parts in {self.pdir} changed")
+            raise SystemExit(f"{self.out} holds shards made differently ({'; '.join(changed)}); "
+                             "rerun with --overwrite to replace them, or with the same "
+                             "parameters to resume")
         if overwrite:
             for p in list(self.out.glob(f"{self.dataset}-*.tar")) + list(
                     self.out.glob(f"{self.dataset}-*.idx")):

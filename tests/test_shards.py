@@ -6,7 +6,9 @@ end-to-end test at the bottom uses the real preprocessing job (`sample_parts`)."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -243,6 +245,10 @@ def test_cli_make_shards_then_verify(hand_parts, tmp_path):
                         "--max-samples", "5"], env=env, capture_output=True, text=True)
     assert w.returncode == 0, w.stderr
     assert "done: 13 samples in 3 shards" in w.stderr
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in (work / "sample" / "shards").glob("*.*"):  # not mkstemp's 0600: others may read
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
     v = subprocess.run([sys.executable, "-m", "shards.verify", "--dataset", "sample"],
                        env=env, capture_output=True, text=True)
     assert v.returncode == 0 and "OK" in v.stdout, v.stdout + v.stderr
