@@ -8,7 +8,8 @@ and everything downstream see original coordinates. The default `max_side` was c
 
 Boxes are float32 x1,y1,x2,y2, half-open, in pixels of the (EXIF-oriented) original.
 SoCo's filter (`ratio3size0308`): w >= 32 and h >= 32; 1/3 <= w/h <= 3;
-0.3 <= sqrt(wh / WH) <= 0.8. Fallbacks when nothing passes, in order: ratio only (with the
+0.3 <= sqrt(wh / WH) <= 0.8. Box order: OpenCV's order is partly random and cannot be
+seeded, so boxes come in a fixed pseudo-random order (deterministic_order). Fallbacks when nothing passes, in order: ratio only (with the
 32 px minimum), size only (the 32 px minimum), whole image. Comparisons are exact at the
 edges: ratios and scales are compared as products with rational parameters, no division.
 """
@@ -81,9 +82,26 @@ def selective_search(rgb: np.ndarray, mode: str = "fast", max_side: int = 300) -
     {"fast": search.switchToSelectiveSearchFast,
      "quality": search.switchToSelectiveSearchQuality,
      "single": search.switchToSingleStrategy}[mode]()
-    rects = np.asarray(search.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h (w = extent)
+    rects = deterministic_order(np.asarray(search.process(), dtype=np.int64).reshape(-1, 4))
+    rects = rects.astype(np.float64)  # x, y, w, h; w and h are extents (half-open)
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
     return map_boxes(boxes, small_size, (width, height))
+
+
+def deterministic_order(rects: np.ndarray) -> np.ndarray:
+    """Reorder OpenCV's output by a hash of each rect (ties by the rect itself).
+
+    OpenCV ranks regions by hierarchy level times a random number from an RNG we cannot
+    seed, so its order changes from run to run (the set of rects does not). A hash order
+    keeps that order's purpose (the cap takes an unbiased subset, not the largest or the
+    leftmost boxes) and makes reruns give identical rows."""
+    if len(rects) == 0:
+        return rects
+    r = rects.astype(np.uint64)
+    mixed = (r[:, 0] * np.uint64(0x9E3779B1) ^ r[:, 1] * np.uint64(0x85EBCA77)
+             ^ r[:, 2] * np.uint64(0xC2B2AE3D) ^ r[:, 3] * np.uint64(0x27D4EB2F)) * np.uint64(0x165667B1)
+    key = (mixed >> np.uint64(13)) & np.uint64(0xFFFFFFFF)
+    return rects[np.lexsort((rects[:, 3], rects[:, 2], rects[:, 1], rects[:, 0], key))]
 
 
 def _frac(x: float) -> Fraction:

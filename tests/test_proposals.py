@@ -108,3 +108,11 @@ def test_recall_of_large_ground_truth_on_the_sample(sample_raw):
         hit, total = hit + h, total + t
     assert total >= 5, "the sample should hold several SoCo-sized objects"
     assert hit / total >= 0.8, f"recall {hit}/{total}"
+
+
+def test_reruns_give_identical_boxes(sample_raw):
+    """OpenCV's own order is random run to run; ours must not be (resume relies on it)."""
+    rgb = load_rgb(list_images("sample", sample_raw)[2].path)
+    first = selective_search(rgb)
+    for _ in range(2):
+        np.testing.assert_array_equal(selective_search(rgb), first)
