@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck
 
+from train.loader import build_loader, collate
+from train.loader import geometry as G
+from train.loader.recipes import NumpyDraw, Recipe
 from train.methods import get
 from train.methods.maskco import box_features, mask_prediction_head, maskco_loss
 
@@ -115,15 +118,12 @@ def test_maskco_step_query_path_has_mph_key_path_not(intra, blocks):
 @pytest.fixture(scope="module")
 def maskco_plans():
     """Many MaskCo plans over varied image sizes, from the loader's own recipe."""
-    recipes = pytest.importorskip("train.loader.recipes", reason="loader recipes not present")
-    from train.loader import geometry as G
-    recipe = recipes.Recipe("maskco")
+    recipe = Recipe("maskco")
     rng = np.random.default_rng(0)
     plans = []
     for n in range(150):
         W, H = int(rng.integers(200, 900)), int(rng.integers(200, 900))
-        plan = recipe.plan(W, H, np.array([[0, 0, W, H]], np.float32), recipes.NumpyDraw(rng), rng)
-        plans.append(plan)
+        plans.append(recipe.plan(W, H, np.array([[0, 0, W, H]], np.float32), NumpyDraw(rng), rng))
     return recipe, G, plans
 
 
@@ -160,7 +160,6 @@ def test_masked_box_is_the_same_source_region_in_both_views(maskco_plans):
 
 
 def test_zeroed_region_is_exactly_the_query_box():
-    collate = pytest.importorskip("train.loader.collate", reason="loader collate not present")
     g = torch.Generator().manual_seed(0)
     images = torch.randn(3, 3, 40, 48, generator=g)
     boxes = torch.tensor([[3.2, 5.5, 20.0, 17.4], [0.0, 0.0, 48.0, 40.0], [47.0, 39.6, 48.0, 40.0]])
@@ -173,3 +172,41 @@ def test_zeroed_region_is_exactly_the_query_box():
                 inside = x1 <= x + 0.5 < x2 and y1 <= y + 0.5 < y2
                 want = torch.zeros(3) if inside else before[b, :, y, x]
                 assert torch.equal(images[b, :, y, x], want), (b, y, x)
+
+
+def _inside(box, h, w):
+    """Pixels whose centre lies in the half-open box (the loader's zeroing rule)."""
+    xs, ys = torch.arange(w) + 0.5, torch.arange(h) + 0.5
+    return ((ys[:, None] >= box[1]) & (ys[:, None] < box[3]) & (xs[None] >= box[0]) & (xs[None] < box[2]))
+
+
+def _to_source(box, view):
+    """View pixels -> source pixels with the batch's crop (x0, y0, w, h, flip) of a `size` view."""
+    x0, y0, w, h, flip = view.tolist()
+    x1, x2 = box[0].item(), box[2].item()
+    if flip:
+        x1, x2 = SIZE - x2, SIZE - x1
+    return torch.tensor([x0 + x1 * w / SIZE, y0 + box[1] * h / SIZE, x0 + x2 * w / SIZE, y0 + box[3] * h / SIZE])
+
+
+SIZE = 64
+
+
+@pytest.mark.parametrize("backend", ["reference", "dali"])
+def test_real_batches_zero_exactly_the_masked_box_of_the_same_region(backend, sample_shards):
+    loader = build_loader("maskco", str(sample_shards), 4, backend=backend, image_size=SIZE, seed=3)
+    batch = next(iter(loader))
+    scale = SIZE / 224
+    for b in range(4):
+        qbox, kboxes = batch["query_box"][b], batch["key_boxes"][b]
+        zero = (batch["query"][b] == 0).all(dim=0)
+        assert torch.equal(zero, _inside(qbox, SIZE, SIZE)), f"image {b}: zeroed pixels != query box"
+        assert zero.any()
+        assert not (batch["key"][b] == 0).all(dim=0).any()                  # the key view is left whole
+        sides = kboxes[:, 2:] - kboxes[:, :2]
+        assert (sides <= 128 * scale + 1e-3).all() and (sides[1:] >= 32 * scale - 1e-3).all()
+        assert (G.iou(kboxes[0].numpy(), kboxes[1:].numpy()) < 0.2).all()
+        # views are (query, key): the masked box and key box 0 frame the same source pixels
+        q_src = _to_source(qbox, batch["views"][b, 0])
+        k_src = _to_source(kboxes[0], batch["views"][b, 1])
+        assert torch.allclose(q_src, k_src, atol=0.05), (q_src, k_src)
