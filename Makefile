@@ -67,5 +67,9 @@ bench-shards: setup
 bench-stats: setup
 	$(PY) -m bench.stats
 
+# Step time of every method's small CPU config as ratios to MoCo v2 (issue 7).
+bench-methods: setup
+	$(PY) -m bench.methods $(BENCH_METHODS_ARGS)
+
 clean:
 	rm -rf $(WORK_DIR)

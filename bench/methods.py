@@ -1,0 +1,143 @@
+"""`make bench-methods`: training-step time of every method's small CPU config, as ratios
+to MoCo v2 measured in the same process.
+
+Builds photo-like 640x480 shards with the real shard writer (bench.shards.build_dataset),
+draws a few real batches per method with the loader (reference backend, drawn once and
+reused, so data loading is not in the figure), then times the trainer's own
+`train_step` (forward, backward, optimiser, scheduler, target/EMA update) round-robin
+over the methods for several rounds so machine load hits all alike. One torch thread.
+Writes bench/results/methods.json (median seconds a step, ratios to MoCo v2, and the
+ratio one would expect from counting backbone passes)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common.io import atomic_write_text
+from common.progress import Progress
+
+RESULTS = Path(__file__).resolve().parent / "results" / "methods.json"
+CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
+BASELINE = "mocov2"
+# name: (small config, overrides). DetCon on the grid source: the bench shards' FH maps are
+# synthetic, and the step cost does not depend on where the masks come from.
+METHODS = {
+    "mocov2": ("mocov2_small_cpu", []),
+    "detcon_b": ("detcon_b_small_cpu", ["data.options.mask_source=grid"]),
+    "detcon_s": ("detcon_s_small_cpu", ["data.options.mask_source=grid"]),
+    "maskco": ("maskco_small_cpu", []),
+    "maskco_in": ("maskco_small_cpu", ["model.intra=true"]),
+}
+# Backbone work a step, counting forward = 1 and backward = 2 per view:
+# MoCo v2 / MaskCo: query fwd+bwd (3) + key fwd (1) = 4; DetCon-B: 2 x 3 + 2 target fwd = 8;
+# DetCon-S: 2 x 3 = 6. MaskCo adds its MPH on top.
+EXPECTED = {"mocov2": 1.0, "detcon_b": 2.0, "detcon_s": 1.5, "maskco": 1.0, "maskco_in": 1.0}
+
+
+class Setup:
+    """One method ready to step: model, optimiser, scheduler and fixed real batches."""
+
+    def __init__(self, name: str, shards: Path, batch: int, image_size: int, n_batches: int, total: int):
+        from train.config import load_config
+        from train.loader import build_loader
+        from train.optim import build_optimizer, build_scheduler
+        from train.pretrain import build_method
+        config, extra = METHODS[name]
+        self.cfg = load_config(CONFIGS / f"{config}.yaml", [
+            f"data.shards={shards}", f"data.batch_size={batch}", f"data.image_size={image_size}", *extra])
+        torch.manual_seed(0)
+        module, self.method = build_method(self.cfg)
+        self.method.train()
+        self.optimizer = build_optimizer(self.method, self.cfg, batch)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, total, total)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        options = self.cfg["data"].get("options") or {}
+        loader = build_loader(module.RECIPE, str(shards), batch, backend="reference", num_workers=0,
+                              seed=0, image_size=image_size, **options)
+        it = iter(loader)
+        self.batches = [next(it) for _ in range(n_batches)]
+        self.params = sum(p.numel() for p in self.method.parameters() if p.requires_grad)
+        self.step, self.total = 0, total
+
+    def run(self, steps: int) -> list[float]:
+        from train.pretrain import train_step
+        times = []
+        for _ in range(steps):
+            batch = self.batches[self.step % len(self.batches)]
+            t0 = time.perf_counter()
+            train_step(self.method, self.method, self.optimizer, self.scheduler, self.scaler, batch,
+                       None, self.step, self.total)
+            times.append(time.perf_counter() - t0)
+            self.step += 1
+        return times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="step time per method (small CPU configs), ratios to MoCo v2")
+    ap.add_argument("--samples", type=int, default=48, help="images in the bench shards")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--image-size", type=int, default=64, help="view side in pixels (the small configs' 64)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per method per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args(argv)
+    names = a.methods.split(",")
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or BASELINE not in names:
+        ap.error(f"--methods must include {BASELINE} and only names from {', '.join(METHODS)}; got {a.methods}")
+    torch.set_num_threads(1)
+    from bench.shards import build_dataset
+    from shards.write import PackParams, write_shards
+
+    total = a.warmup + a.steps * a.rounds
+    with tempfile.TemporaryDirectory(prefix="bench_methods_", dir=os.environ.get("BENCH_TMP")) as tmp:
+        tmp = Path(tmp)
+        print(f"[bench-methods] building {a.samples} photo-like 640x480 samples in {tmp}", flush=True)
+        shards = tmp / "shards"
+        write_shards("bench", PackParams(max_samples=64), proposals=build_dataset(tmp / "raw", a.samples, 16),
+                     out=shards)
+        setups = {}
+        for name in names:
+            setups[name] = Setup(name, shards, a.batch, a.image_size, n_batches=3, total=total)
+            setups[name].run(a.warmup)
+            print(f"[bench-methods] {name}: ready ({setups[name].params / 1e6:.2f} M trainable parameters)",
+                  flush=True)
+    runs = {name: [] for name in names}
+    progress = Progress("bench-methods", a.rounds * len(names), unit="run")
+    for _ in range(a.rounds):
+        for name in names:
+            runs[name] += setups[name].run(a.steps)
+            progress.update()
+    median = {name: statistics.median(t) for name, t in runs.items()}
+    ratios = {name: median[name] / median[BASELINE] for name in names}
+    report = {"bench": "methods", "what": __doc__.split("\n\n")[0].replace("\n", " "),
+              "unit": "seconds per training step (forward, backward, optimiser, EMA), median over steps",
+              "baseline": BASELINE, "params": vars(a),
+              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "platform": platform.platform(), "load_avg": os.getloadavg()},
+              "median_step_s": median, "ratio_to_mocov2": ratios,
+              "expected_ratio_from_backbone_passes": {n: EXPECTED[n] for n in names},
+              "trainable_params": {n: s.params for n, s in setups.items()},
+              "configs": {n: METHODS[n][0] + (" " + " ".join(METHODS[n][1]) if METHODS[n][1] else "")
+                          for n in names},
+              "runs": runs}
+    atomic_write_text(a.out, json.dumps(report, indent=1))
+    for name in names:
+        print(f"[bench-methods] {name}: {1000 * median[name]:.0f} ms/step = {ratios[name]:.2f}x MoCo v2 "
+              f"(backbone-pass count predicts {EXPECTED[name]:.1f}x)")
+    print(f"[bench-methods] wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
