@@ -217,6 +217,7 @@ class ResNetDistance:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(views)).to(self.device)
             x = (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+            x = x.contiguous(memory_format=torch.channels_last)  # NHWC: faster convolutions
             y = self.trunk(x).mean(dim=(2, 3))
             y = torch.nn.functional.normalize(y, dim=1)
             return y.float().cpu().numpy()
