@@ -68,7 +68,7 @@ def box_features(features: torch.Tensor, boxes: torch.Tensor, image_size: int, r
     rois = torch.cat([torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(K)[:, None],
                       boxes.reshape(-1, 4)], dim=1)
     pooled = roi_align(features, rois.to(features.dtype), roi_size, spatial_scale=scale,
-                       sampling_ratio=2, aligned=True)
+                       sampling_ratio=-1, aligned=True)   # adaptive, as SoCo: ~1 sample a feature cell
     return pooled.mean(dim=(2, 3)).view(B, K, -1)
 
 
