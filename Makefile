@@ -35,11 +35,17 @@ demo: setup
 	$(MAKE) shards DATASET=sample
 	$(MAKE) verify DATASET=sample
 
+# SAMPLE_ARGS e.g. "--scene 200 --object 50 --seed 1"
 sample: setup
-	$(PY) -m preprocess.sample --out $(WORK_DIR)/sample/raw
+	$(PY) -m preprocess.sample --out $(WORK_DIR)/sample/raw $(SAMPLE_ARGS)
 
+# make proposals DATASET=coco COCO_ROOT=/data/coco [SPLIT=train2017] | DATASET=imagenet|folder
+# DATA_ROOT=... ; PROPOSALS_ARGS e.g. "--mode quality --num-cpus 8 --limit 100"
 proposals: setup
-	$(PY) -m preprocess.job --dataset $(DATASET)
+	$(PY) -m preprocess.job --dataset $(DATASET) \
+	  $(if $(filter coco,$(DATASET)),$(if $(COCO_ROOT),--root "$(COCO_ROOT)")) \
+	  $(if $(filter imagenet folder,$(DATASET)),$(if $(DATA_ROOT),--root "$(DATA_ROOT)")) \
+	  $(if $(SPLIT),--split $(SPLIT)) $(PROPOSALS_ARGS)
 
 shards: setup
 	$(PY) -m shards.write --dataset $(DATASET) $(SHARDS_ARGS)

@@ -210,7 +210,7 @@ def read_parts(out_dir, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
 
 
-def _start_ray(num_cpus: int | None) -> tuple[bool, int]:
+def start_ray(num_cpus: int | None) -> tuple[bool, int]:
     """Connect to RAY_ADDRESS or start a local Ray; returns (started here, CPUs to use)."""
     import ray
     if ray.is_initialized():
@@ -274,7 +274,7 @@ def run(config: JobConfig) -> dict:
 def _run_parts(items: list[dict], config: JobConfig, out: Path, params: dict) -> None:
     import ray
     from ray.data import DataContext
-    started, cpus = _start_ray(config.num_cpus)
+    started, cpus = start_ray(config.num_cpus)
     try:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False  # our own Progress line instead

@@ -1,0 +1,231 @@
+"""`make bench-preprocess`: proposal speed and recall against SoCo's generator, Ray scaling, memory.
+
+On ../shared/data/coco128 (the built-in sample when absent), in one process:
+1. Per core (one thread): images/s of our proposals (OpenCV fast selective search on a copy
+   with longer side `max_side`, for several max_side values), of FH segments and of the
+   MCG-style masks; and of the baseline, the `selectivesearch` PyPI package that SoCo's code
+   is a modified copy of (scale=300, sigma=0.9, min_size=100, full resolution). Baseline and
+   ours run interleaved image by image, so load on a shared machine hits both alike.
+2. Recall after SoCo's filter (with its fallbacks) of ground-truth boxes with
+   sqrt(wh/WH) >= 0.3 at IoU >= 0.5, for every variant above.
+3. The max_side default: the smallest value in the sweep whose recall is at least the
+   baseline's and whose speed is at least TARGET_SPEED x the baseline's (fastest that passes).
+4. Ray: the whole job (proposals + segments + masks) on 1 CPU and on 2 CPUs; speed-up.
+5. Memory: peak RSS of the job's process tree (driver + Ray) on a small and a 4x larger
+   sample, above the idle-Ray level; it must not grow with the number of images.
+Writes bench/results/preprocess.json.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process: figures are per core
+
+import argparse
+import json
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+
+from common.io import atomic_write_text
+from preprocess.datasets import list_images
+from preprocess.decode import load_rgb
+from preprocess.mcg import mcg_masks
+from preprocess.proposals import ProposalParams, filter_boxes, propose, recall
+from preprocess.segments import fh_segments
+
+RESULTS = Path(__file__).resolve().parent / "results" / "preprocess.json"
+COCO128 = Path(os.environ.get("COCO128_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"))
+TARGET_SPEED, TARGET_SCALING = 3.5, 1.7
+SWEEP = (200, 300, 400, 500)
+
+
+def dataset(tmp: Path) -> tuple[str, str, str | None]:
+    """(kind, root, split): coco128 when present, else a generated sample."""
+    if (COCO128 / "annotations" / "instances_train2017.json").is_file():
+        return "coco", str(COCO128), "train2017"
+    from preprocess.sample import generate
+    return "sample", str(generate(tmp / "sample")), None
+
+
+def large_gt_boxes(record, width: int, height: int) -> np.ndarray:
+    boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                      for a in (record.gt or []) if not a.get("iscrowd")], np.float64).reshape(-1, 4)
+    size = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (width * height))
+    return boxes[size >= 0.3]
+
+
+def baseline_boxes(rgb: np.ndarray) -> np.ndarray:
+    """SoCo's generator: selectivesearch 0.4 at full resolution, rects to half-open boxes."""
+    import selectivesearch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, regions = selectivesearch.selective_search(rgb, scale=300, sigma=0.9, min_size=100)
+    # the package's rect is (min_x, min_y, max_x - min_x, max_y - min_y): the extent is w + 1
+    return np.array([[x, y, x + w + 1, y + h + 1] for x, y, w, h in (r["rect"] for r in regions)],
+                    np.float32).reshape(-1, 4)
+
+
+def per_core(records) -> dict:
+    cv2.setNumThreads(1)
+    uncapped = ProposalParams(max_boxes=10 ** 9)  # SoCo kept every filtered box
+    names = ["baseline"] + [f"ours_max_side_{m}" for m in SWEEP] + ["segments", "masks"]
+    seconds = {n: 0.0 for n in names}
+    hits = {n: 0 for n in names[:-2]}
+    total_gt = 0
+    for i, record in enumerate(records):
+        rgb = load_rgb(record.path)
+        height, width = rgb.shape[:2]
+        gt = large_gt_boxes(record, width, height)
+        total_gt += len(gt)
+        start = time.perf_counter()
+        boxes = baseline_boxes(rgb)
+        seconds["baseline"] += time.perf_counter() - start
+        hits["baseline"] += recall(filter_boxes(boxes, width, height, uncapped)[0], gt)[0]
+        for m in SWEEP:
+            start = time.perf_counter()
+            boxes, _, _ = propose(rgb, ProposalParams(max_side=m))
+            seconds[f"ours_max_side_{m}"] += time.perf_counter() - start
+            hits[f"ours_max_side_{m}"] += recall(boxes, gt)[0]
+        start = time.perf_counter()
+        fh_segments(rgb)
+        seconds["segments"] += time.perf_counter() - start
+        start = time.perf_counter()
+        mcg_masks(rgb)
+        seconds["masks"] += time.perf_counter() - start
+        print(f"[bench] per-core {i + 1}/{len(records)}", flush=True)
+    out = {n: {"images_per_s_per_core": round(len(records) / seconds[n], 3)} for n in names}
+    for n, h in hits.items():
+        out[n]["recall"] = round(h / total_gt, 4) if total_gt else None
+    out["large_gt_boxes"] = total_gt
+    return out
+
+
+def choose_max_side(results: dict) -> int | None:
+    base = results["baseline"]
+    passing = [m for m in SWEEP
+               if results[f"ours_max_side_{m}"]["recall"] >= base["recall"]
+               and results[f"ours_max_side_{m}"]["images_per_s_per_core"] >= TARGET_SPEED * base["images_per_s_per_core"]]
+    return min(passing) if passing else None
+
+
+class PeakRSS:
+    """Samples the RSS of this process and all its descendants (Ray's too) every 0.1 s."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for p in [me] + me.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def ray_job(kind: str, root: str, split, n: int, cpus: int, work: Path, measure_memory: bool = False) -> dict:
+    """Time the whole job on `cpus` CPUs (Ray already started, so start-up is not counted)."""
+    import ray
+    from preprocess.job import JobConfig, run, start_ray
+    start_ray(cpus)
+    try:
+        time.sleep(2.0)  # let Ray's own processes settle before measuring the idle level
+        idle = PeakRSS().current()
+        with PeakRSS() as memory:
+            start = time.perf_counter()
+            run(JobConfig(dataset=kind, root=root, split=split, work_dir=str(work), limit=n, part_size=8,
+                          num_cpus=cpus, stats="off"))
+            elapsed = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    out = {"images": n, "cpus": cpus, "seconds": round(elapsed, 2), "images_per_s": round(n / elapsed, 3)}
+    if measure_memory:
+        out.update(idle_rss_mb=round(idle / 2 ** 20, 1), peak_rss_mb=round(memory.peak / 2 ** 20, 1),
+                   growth_mb=round((memory.peak - idle) / 2 ** 20, 1))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=24, help="images for the per-core comparison")
+    p.add_argument("--ray-images", type=int, default=32, help="images for the 1 vs 2 CPU job runs")
+    p.add_argument("--out", default=str(RESULTS))
+    a = p.parse_args(argv)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        kind, root, split = dataset(tmp)
+        records = list_images(kind, root, split)
+        step = max(1, len(records) // a.images)
+        subset = records[::step][: a.images]  # spread over the set, same images for every variant
+        print(f"[bench] {kind}: {len(subset)} images for the per-core comparison", flush=True)
+        core = per_core(subset)
+        chosen = choose_max_side(core)
+        default = ProposalParams().max_side
+        base = core["baseline"]
+        ours = core[f"ours_max_side_{default}"]
+
+        n = min(a.ray_images, len(records))
+        one = ray_job(kind, root, split, n, 1, tmp / "ray1")
+        two = ray_job(kind, root, split, n, 2, tmp / "ray2")
+
+        from preprocess.sample import generate
+        mem_root = str(generate(tmp / "mem", n_scene=64, n_object=0, seed=1, min_side=200, max_side=320))
+        small = ray_job("sample", mem_root, None, 16, 2, tmp / "mem16", measure_memory=True)
+        large = ray_job("sample", mem_root, None, 64, 2, tmp / "mem64", measure_memory=True)
+
+    speed_ratio = ours["images_per_s_per_core"] / base["images_per_s_per_core"]
+    scaling = two["images_per_s"] / one["images_per_s"]
+    growth_ratio = large["growth_mb"] / max(small["growth_mb"], 1.0)
+    result = {
+        "dataset": kind, "images": len(subset), "machine": {
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "opencv": cv2.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "per_core": core,
+        "default_max_side": default, "chosen_max_side": chosen,
+        "proposals_speed_vs_baseline": round(speed_ratio, 3),
+        "proposals_recall": ours["recall"], "baseline_recall": base["recall"],
+        "ray": {"one_cpu": one, "two_cpus": two, "speedup_2_over_1": round(scaling, 3)},
+        "memory": {"small": small, "large": large, "growth_ratio_large_over_small": round(growth_ratio, 3)},
+        "targets": {
+            "speed_vs_baseline_at_least": TARGET_SPEED, "speed_met": speed_ratio >= TARGET_SPEED,
+            "recall_not_lower_met": ours["recall"] >= base["recall"],
+            "scaling_at_least": TARGET_SCALING, "scaling_met": scaling >= TARGET_SCALING,
+            "memory_flat_met": growth_ratio <= 1.5,
+        },
+    }
+    out = Path(a.out)
+    atomic_write_text(out, json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("proposals_speed_vs_baseline", "proposals_recall", "baseline_recall",
+                                              "default_max_side", "chosen_max_side", "targets")}, indent=2))
+    if chosen is not None and chosen != default:
+        print(f"[bench] note: the measured choice for max_side is {chosen}, the code's default is {default}")
+    print(f"[bench] wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
