@@ -88,10 +88,12 @@ def dali_index(lines: list[str]) -> str:
 def iter_members(f: BinaryIO, shard: str) -> Iterator[tuple[str, int, int, int]]:
     """Walk a tar from the current position: (name, header offset, data offset, size).
 
-    Every header's checksum and type are checked; anything we would not have written
-    (links, folders, PAX headers, a short file) raises ShardError naming the offset."""
+    The header offset is that of the member's first header (its GNU long-name header
+    when it has one). Every header's checksum and type are checked; anything we would
+    not have written (links, folders, PAX headers, a short file) raises ShardError
+    naming the offset."""
     offset = f.tell()
-    long_name = None
+    long_name, long_start = None, None
     while True:
         block = f.read(BLOCK)
         if not block:
@@ -113,14 +115,14 @@ def iter_members(f: BinaryIO, shard: str) -> Iterator[tuple[str, int, int, int]]
             if len(raw) < info.size:
                 raise ShardError(f"{shard}: truncated at offset {data_offset} inside a long "
                                  "name; rebuild it with make shards")
-            long_name = raw[:info.size].rstrip(b"\0").decode("utf-8")
+            long_name, long_start = raw[:info.size].rstrip(b"\0").decode("utf-8"), offset
             offset = data_offset + len(raw)
             continue
         if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
             raise ShardError(f"{shard}: member {info.name!r} at offset {offset} is not a "
                              "regular file; our shards hold only files: rebuild with make shards")
         name = long_name if long_name is not None else info.name
+        yield name, long_start if long_name is not None else offset, data_offset, info.size
         long_name = None
-        yield name, offset, data_offset, info.size
         offset = data_offset + info.size + len(padding(info.size))
         f.seek(offset)

@@ -342,3 +342,34 @@ def test_real_photos_and_a_greyscale_jpeg(coco128_root, tmp_path):
         np.testing.assert_array_equal(sample.boxes, e["boxes"])
         assert sample.gt == e["gt"]
     assert verify_main(["--dir", str(out), "--decode"]) == 0
+
+
+def test_longest_keys_round_trip_through_dali(sample_raw, tmp_path):
+    """A 128-character key needs a GNU long-name header (names > 100 bytes); our .idx
+    points at the data, so DALI and webdataset read it (DALI's wds2idx would not: it
+    takes the long-name header's block for the member's)."""
+    from nvidia.dali import fn, pipeline_def, types
+    first = list_images("sample", sample_raw)[0].key
+    long_key = "k" * 115 + "_" + first
+    build_parts(sample_raw, tmp_path / "p", keys_override={first: long_key})
+    write_shards("s", PackParams(max_samples=100), proposals=tmp_path / "p", out=tmp_path / "s")
+    ds = ShardDataset(tmp_path / "s")
+    assert len(long_key) == 128 and long_key in ds.keys
+    web = {s["__key__"]: s["boxes"] for s in wds.WebDataset([str(ds.tar_paths[0])],
+                                                              shardshuffle=False)}
+    assert web[long_key] == ds.get(long_key).members["boxes"]
+
+    @pipeline_def(batch_size=len(ds), num_threads=1, device_id=None)
+    def pipe():
+        jpg, boxes = fn.readers.webdataset(paths=[str(ds.tar_paths[0])],
+                                           index_paths=[str(ds.idx_paths[0])],
+                                           ext=["jpg", "boxes"], dtypes=[types.UINT8, types.FLOAT])
+        return fn.get_property(jpg, key="source_info"), fn.reshape(boxes, shape=[-1, 4])
+
+    p = pipe()
+    p.build()
+    info, boxes = p.run()
+    names = [bytes(np.array(info.at(i))).decode().rsplit(":", 1)[1] for i in range(len(ds))]
+    i = names.index(f"{long_key}.jpg")
+    np.testing.assert_array_equal(np.array(boxes.at(i)), ds.get(long_key).boxes)
+    assert verify_main(["--dir", str(tmp_path / "s")]) == 0
