@@ -121,6 +121,9 @@ def verify_shard(path: Path, record: dict, rows: list[dict], decode: bool,
 def verify(folder, decode: bool = False) -> list[str]:
     """All problems found in a shards folder (empty when it is sound)."""
     folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return [f"{folder / MANIFEST} not found: the shards are missing or unfinished; run "
+                "make shards DATASET=<name>"]
     try:
         manifest = check_manifest(json.loads((folder / MANIFEST).read_text()), str(folder / MANIFEST))
         index = validate(pq.read_table(folder / INDEX_FILE), INDEX, str(folder / INDEX_FILE))

@@ -12,6 +12,8 @@ is written last, so its presence means the whole set is complete."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -441,12 +443,28 @@ class Writer:
         return manifest
 
 
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """One writer per shards folder: a second one would delete the first's temporaries."""
+    (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
+    with open(out / ROWS_DIR / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another make shards is writing {out}; wait for it to finish") from None
+        yield
+
+
 def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=None, out=None,
                  root=None, overwrite: bool = False, workers: int | None = None) -> dict:
     """Pack WORK_DIR/<dataset>/proposals into WORK_DIR/<dataset>/shards; returns the manifest."""
     pdir = Path(proposals) if proposals else proposals_dir(dataset)
     out = Path(out) if out else shards_dir(dataset)
-    return Writer(dataset, pdir, out, params, root, workers).run(overwrite)
+    if not any(pdir.glob("part-*.parquet")):  # before creating anything under `out`
+        raise FileNotFoundError(f"no proposals parts (part-*.parquet) in {pdir}; run "
+                                f"make proposals DATASET={dataset} first")
+    with exclusive(out):
+        return Writer(dataset, pdir, out, params, root, workers).run(overwrite)
 
 
 def main(argv=None) -> int:

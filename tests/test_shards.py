@@ -155,6 +155,12 @@ def test_other_parameters_refuse_to_mix_then_overwrite(hand_parts, hand_shards, 
                  overwrite=True)
     assert ShardDataset(out).keys != ShardDataset(hand_shards[0]).keys
     assert sorted(ShardDataset(out).keys) == sorted(ShardDataset(hand_shards[0]).keys)
+    import fcntl
+    with open(out / "_rows" / ".lock") as held:  # a second writer on the same folder waits
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="another make shards is writing"):
+            write_shards("sample", PackParams(max_samples=4, seed=1), proposals=pdir, out=out)
+    assert verify_main(["--dir", str(out)]) == 0
 
 
 def test_byte_bound_and_unpackable_samples(hand_parts, tmp_path):
@@ -255,6 +261,10 @@ def test_cli_make_shards_then_verify(hand_parts, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "shards.write", "--dataset", "nothing"],
                              env=env, capture_output=True, text=True)
     assert missing.returncode != 0 and "run make proposals" in missing.stderr
+    assert not (work / "nothing").exists()
+    unbuilt = subprocess.run([sys.executable, "-m", "shards.verify", "--dataset", "nothing"],
+                             env=env, capture_output=True, text=True)
+    assert unbuilt.returncode == 1 and "run make shards" in unbuilt.stdout
 
 
 def test_dali_reads_shards_with_their_index(hand_shards):
