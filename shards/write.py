@@ -155,6 +155,20 @@ def index_row(row: dict, **fields) -> dict:
     return out
 
 
+def content_digest(table: pa.Table) -> str:
+    """sha256 of every column that reaches the tars (not the audit statistics, which only
+    go to index.parquet and are refreshed on every run, nor timings), chunking-independent."""
+    h = hashlib.sha256()
+    for name in table.column_names:
+        if name in STAT_COLUMNS or name == "elapsed_ms":
+            continue
+        h.update(name.encode())
+        for value in table.column(name).to_pylist():
+            data = value if isinstance(value, bytes) else json.dumps(value).encode()
+            h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
 def load_parts(pdir: Path, spill: Path) -> tuple[pa.Table, list[dict], dict]:
     """All parts, validated, as one table; plus their fingerprints and the job's params.
 
@@ -184,7 +198,8 @@ def load_parts(pdir: Path, spill: Path) -> tuple[pa.Table, list[dict], dict]:
                                           f"and {p}; rerun make proposals into an empty folder")
                     seen[key] = p.name
                 out.write_table(t.replace_schema_metadata(None))
-                fingerprints.append({"name": p.name, "sha256": sha256_file(p), "rows": t.num_rows})
+                fingerprints.append({"name": p.name, "rows": t.num_rows,
+                                     "content_sha256": content_digest(t)})
     except BaseException:
         spill.unlink(missing_ok=True)
         raise
@@ -404,6 +419,15 @@ class Writer:
             pq.write_table(table, rf, compression="zstd")
         return record | {"rows": rows + failures}
 
+    def refresh_statistics(self, rows: list[dict]) -> None:
+        """Audit statistics from the parts as they are now: `make stats` may have filled
+        them after the shards were packed, and they change no tar byte."""
+        where = {k: i for i, k in enumerate(self.table.column("key").to_pylist())}
+        stats = {c: self.table.column(c).to_pylist() for c in STAT_COLUMNS}
+        for row in rows:
+            i = where[row["key"]]
+            row.update({c: stats[c][i] for c in STAT_COLUMNS})
+
     def finish(self, shards: list[dict], tail_failures: list[dict], progress: Progress) -> dict:
         for stale in sorted(self.out.glob(f"{self.dataset}-*.tar")):
             number = stale.stem.rsplit("-", 1)[-1]
@@ -413,6 +437,7 @@ class Writer:
                     p.unlink(missing_ok=True)
         rows = [r for s in shards for r in s["rows"]] + tail_failures
         rows += [index_row(self.row(i)) for i in self.failed]
+        self.refresh_statistics(rows)
         params = {"dataset": self.dataset, "packing": asdict(self.params)}
         write_index(rows, self.out / "index.parquet", params)
         packed = sum(s["num_samples"] for s in shards)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -383,3 +384,29 @@ def test_longest_keys_round_trip_through_dali(sample_raw, tmp_path):
     i = names.index(f"{long_key}.jpg")
     np.testing.assert_array_equal(np.array(boxes.at(i)), ds.get(long_key).boxes)
     assert verify_main(["--dir", str(tmp_path / "s")]) == 0
+
+
+def test_statistics_filled_later_refresh_the_index_only(hand_parts, hand_shards, tmp_path):
+    """`make stats` after `make shards` rewrites the parts' statistics columns: a rerun keeps
+    every tar and takes the new figures into index.parquet; other changes still refuse."""
+    pdir = tmp_path / "proposals"
+    shutil.copytree(hand_parts[0], pdir)
+    out = tmp_path / "shards"
+    shutil.copytree(hand_shards[0], out)
+    tars = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
+    for part in sorted(pdir.glob("part-*.parquet")):
+        t = pq.read_table(part)
+        i = t.schema.get_field_index("resnet_distance_mean")
+        t = t.set_column(i, t.schema.field(i), pa.array([7.25] * t.num_rows, pa.float32()))
+        pq.write_table(t, part, row_group_size=3)  # other chunking, same content
+    write_shards("sample", PackParams(max_samples=4), proposals=pdir, out=out)
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")} == tars
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert {r["resnet_distance_mean"] for r in index if r["status"] == "ok"} == {7.25}
+    assert verify_main(["--dir", str(out)]) == 0
+    part = sorted(pdir.glob("part-*.parquet"))[0]
+    t = pq.read_table(part)
+    i = t.schema.get_field_index("num_segments")
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.array([1] * t.num_rows, pa.int32())), part)
+    with pytest.raises(SystemExit, match="proposals parts .* changed"):
+        write_shards("sample", PackParams(max_samples=4), proposals=pdir, out=out)
