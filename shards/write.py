@@ -86,6 +86,8 @@ def as_16bit_png(data: bytes, depth: int) -> bytes:
     if depth == 16:
         return data
     labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if labels is None or labels.ndim != 2:
+        raise SampleError("a label map PNG does not decode to one channel; rerun make proposals")
     ok, buf = cv2.imencode(".png", labels.astype(np.uint16))
     if not ok:
         raise SampleError("could not re-encode a label map as a 16-bit PNG")

@@ -22,6 +22,7 @@ import webdataset as wds
 
 from common.keys import BadKeyError
 from preprocess.datasets import list_images
+from schemas.proposals import PROPOSALS
 from shards.reader import ShardDataset, iter_tar
 from shards.tarfmt import ShardError
 from shards.verify import main as verify_main
@@ -165,25 +166,38 @@ def test_other_parameters_refuse_to_mix_then_overwrite(hand_parts, hand_shards, 
 
 
 def test_byte_bound_and_unpackable_samples(hand_parts, tmp_path):
+    """Shards stay under the byte bound; images that cannot be packed become failed index
+    rows with the reason (source changed, corrupt label map, box outside the image) and
+    the rest is packed."""
     pdir, info = hand_parts
-    raw = tmp_path / "raw"
+    raw, bad_parts = tmp_path / "raw", tmp_path / "proposals"
     job = json.loads((pdir / "_job.json").read_text())
     shutil.copytree(job["root"], raw)
+    shutil.copytree(pdir, bad_parts)
     victim = next(iter(info["expected"].values()))
     rel = Path(victim["path"]).relative_to(job["root"])
     (raw / rel).write_bytes(b"not the image preprocessing saw")
+    part = bad_parts / "part-00000.parquet"
+    rows = pq.read_table(part).to_pylist()
+    rows[1]["fh_png"] = rows[1]["fh_png"][:60]  # header intact, pixels cut off
+    rows[2]["boxes"][1] = [0.0, 0.0, rows[2]["width"] + 5.0, 10.0]
+    pq.write_table(PROPOSALS.from_rows(rows), part)
     limit = 40_000
     out = tmp_path / "shards"
-    manifest = write_shards("sample", PackParams(max_bytes=limit), proposals=pdir, out=out,
+    manifest = write_shards("sample", PackParams(max_bytes=limit), proposals=bad_parts, out=out,
                             root=raw)
     for s in manifest["shards"]:
         assert s["bytes"] <= limit or s["num_samples"] == 1
         assert (out / s["name"]).stat().st_size == s["bytes"]
     assert len(manifest["shards"]) > 1
     index = {r["key"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
-    bad = [r for r in index.values() if r["status"] == "failed" and "packing" in (r["error"] or "")]
-    assert len(bad) == 1 and "changed since make proposals" in bad[0]["error"]
-    assert manifest["num_samples"] == len(info["expected"]) - 1
+    errors = {k: r["error"] for k, r in index.items() if "packing" in (r["error"] or "")}
+    assert sorted(errors) == sorted(r["key"] for r in rows[:3])
+    assert "changed since make proposals" in errors[rows[0]["key"]]
+    assert "label map PNG does not decode" in errors[rows[1]["key"]]
+    assert "boxes outside" in errors[rows[2]["key"]]
+    assert all(index[k]["status"] == "failed" and index[k]["shard"] is None for k in errors)
+    assert manifest["num_samples"] == len(info["expected"]) - 3
     assert verify_main(["--dir", str(out)]) == 0
 
 
