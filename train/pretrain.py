@@ -184,7 +184,9 @@ def train(cfg: dict) -> dict:
 
     seed_all(seed)  # same initial weights on every rank
     module, method = build_method(cfg)
-    method = distributed.convert_sync_bn(method, info).to(info.device)
+    if getattr(method, "sync_bn", True):  # a method may keep per-rank BN (MoCo v2 shuffles BN instead)
+        method = distributed.convert_sync_bn(method, info)
+    method = method.to(info.device)
     channels_last = info.device.type == "cuda" and bool(get(cfg, "train.channels_last", True))
     if channels_last:
         method = method.to(memory_format=torch.channels_last)

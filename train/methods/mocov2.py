@@ -102,6 +102,7 @@ DEFAULTS = dict(dim=128, hidden_dim=None, queue_size=65536, momentum=0.999, temp
 
 class MoCoV2(Method):
     optimizer = "sgd"
+    sync_bn = False   # per-rank BN with shuffled keys, as MoCo; SyncBN would make the shuffle moot
 
     def __init__(self, backbone: nn.Module, dim: int, hidden_dim: int | None, queue_size: int,
                  momentum: float, temperature: float, shuffle_bn: str | bool):
