@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     import torch
+    load_start = os.getloadavg()[0]  # a shared machine: say how busy it was
     weights = stats.find_weights() if stats.weights_available() else None
     cfg = stats.StatsConfig(pairs=args.pairs, batch_views=args.batch_views)
     model = stats.ResNetDistance(weights, random_weights=weights is None)
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
         "met": step_ips / base_ips >= TARGET,
         "baseline_images_per_s": base_ips, "step_images_per_s": step_ips,
         "rounds_s": {"baseline": base, "step": step}, "make_stats_ray": ray_fig,
+        "round_ratios": [b / s for b, s in zip(base, step)],
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
         "images": n, "pairs": cfg.pairs, "views_per_image": 2 * cfg.pairs, "view_size": cfg.size,
         "batch_views": cfg.batch_views, "weights": "IMAGENET1K_V1" if weights else "random (none found)",
         "device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),

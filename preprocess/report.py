@@ -399,7 +399,7 @@ def render(name: str, datasets: list[DatasetData], summaries: dict, top: int) ->
     for d in datasets:
         s = summaries[d.name]
         for label, k in (("proposals", "proposals_per_image"), ("FH segments", "segments_per_image"),
-                         ("MCG-style masks", "masks_per_image"), ("box side (px)", "box_side_px")):
+                         ("MCG-style masks", "masks_per_image"), ("box side in px (n = boxes)", "box_side_px")):
             c = s[k]
             rows.append([html.escape(d.name), label, c["n"]] + [_fmt(c.get(q), 1) for q in
                                                                 ("mean", "min", "p5", "median", "p95", "max")])

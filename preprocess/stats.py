@@ -504,6 +504,7 @@ def _stats_batches(narrow, root, cfg, weights_path, random_weights, use_ray, bat
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
                  include_dashboard=False)
     try:
+        ray.data.DataContext.get_current().enable_progress_bars = False  # our Progress line instead
         ds = ray.data.from_arrow(narrow)
         ds = stats_stage(ds, root, cfg, weights_path, random_weights, cpu_share=1.0,
                          batch_images=batch_images)
