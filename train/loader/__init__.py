@@ -32,9 +32,10 @@ class Loader:
     position (epoch, batches consumed) is all the state a resume needs."""
 
     def __init__(self, recipe: Recipe, source: ShardSource, split: Split, backend: str,
-                 num_workers: int, device_id: int | None):
+                 num_workers: int, device_id: int | None, decode: str = "auto"):
         self.recipe, self.source, self.split = recipe, source, split
         self.backend, self.num_workers, self.device_id = backend, num_workers, device_id
+        self.decode = decode
         self.epoch, self.position = 0, 0
 
     def __len__(self) -> int:
@@ -68,7 +69,7 @@ class Loader:
             from . import dali_pipeline
             it = dali_pipeline.iterate(self.recipe, self.source, batches, self.epoch,
                                        self.split.seed, self.split.batch_size,
-                                       max(self.num_workers, 1), self.device_id)
+                                       max(self.num_workers, 1), self.device_id, self.decode)
         else:
             from . import reference
             it = reference.iterate(self.recipe, self.source, batches, self.epoch,
@@ -82,13 +83,16 @@ class Loader:
 def build_loader(recipe: str, shards_dir: str | os.PathLike, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, seed: int = 0, backend: str = "dali",
                  image_size: int | None = None, device_id: int | None = None,
-                 **recipe_overrides) -> Loader:
+                 decode: str = "auto", **recipe_overrides) -> Loader:
     """The loader for `recipe` over the shards in `shards_dir` for one rank.
 
     backend "dali" falls back to "reference" (with a warning) when DALI is not installed.
     num_workers: DALI threads, or DataLoader processes for the reference (0 = inline).
     device_id: CUDA device for DALI's mixed decode and GPU ops; None picks the current
-    CUDA device when torch sees one, else runs DALI on CPU."""
+    CUDA device when torch sees one, else runs DALI on CPU.
+    decode (DALI only): "auto" | "dali" | "feeder", see dali_pipeline.iterate."""
+    if decode not in ("auto", "dali", "feeder"):
+        raise ValueError(f"decode {decode!r} is not one of auto, dali, feeder")
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     if backend == "dali" and not dali_available():
@@ -102,7 +106,7 @@ def build_loader(recipe: str, shards_dir: str | os.PathLike, batch_size: int, *,
     source = ShardSource(shards_dir)
     split = Split(len(source), batch_size, world_size, rank, seed)
     return Loader(Recipe(recipe, image_size, **recipe_overrides), source, split, backend,
-                  num_workers, device_id)
+                  num_workers, device_id, decode)
 
 
 __all__ = ["build_loader", "Loader", "RECIPES", "ShardReadError"]
