@@ -47,8 +47,14 @@ def init(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # torchrun keeps its agent's store across restarts, and the previous attempt's
+        # keys (peer addresses of killed workers) are still there: plain env:// init then
+        # connects to dead ports and hangs. A per-attempt prefix isolates each attempt.
+        store = dist.PrefixStore(f"regionssl/attempt_{restarts}", store)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank,
+                                world_size=world, timeout=timeout,
                                 **({"device_id": dev} if use_cuda else {}))
     return DistInfo(rank, world, local, dev, restarts)
 
