@@ -34,6 +34,7 @@ demo: setup
 	$(MAKE) proposals DATASET=sample
 	$(MAKE) shards DATASET=sample
 	$(MAKE) verify DATASET=sample
+	$(MAKE) pretrain DATASET=sample
 
 # SAMPLE_ARGS e.g. "--scene 200 --object 50 --seed 1"
 sample: setup
@@ -62,6 +63,16 @@ stats: setup
 report: setup
 	$(PY) -m preprocess.report --datasets "$(DATASETS)" $(if $(NAME),--name $(NAME)) $(REPORT_ARGS)
 
+# Short SoCo run on CPU on $(WORK_DIR)/$(DATASET)/shards, then export (issue 6). NPROC=2 runs
+# torchrun with 2 processes; PRETRAIN_CONFIG picks another recipe; PRETRAIN_ARGS e.g.
+# "train.steps=50 optim.base_lr=0.5". Output: $(WORK_DIR)/pretrain/<config name>/.
+PRETRAIN_CONFIG ?= train/configs/soco_small_cpu.yaml
+NPROC ?= 1
+pretrain: setup
+	$(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC),$(PY)) \
+	  train/pretrain.py --config $(PRETRAIN_CONFIG) data.shards=$(WORK_DIR)/$(DATASET)/shards \
+	  train.out=$(WORK_DIR)/pretrain/$(basename $(notdir $(PRETRAIN_CONFIG))) $(PRETRAIN_ARGS)
+
 bench: bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods
 
 bench-preprocess: setup setup-bench
@@ -72,6 +83,10 @@ bench-shards: setup
 
 bench-stats: setup
 	$(PY) -m bench.stats
+
+# SoCo small config on CPU: steps/s, data-wait share, forward/backward/optimiser split (issue 6).
+bench-train: setup
+	$(PY) -m bench.train $(BENCH_TRAIN_ARGS)
 
 # Step time of every method's small CPU config as ratios to MoCo v2 (issue 7).
 bench-methods: setup
