@@ -38,7 +38,7 @@ from common.paths import proposals_dir, shards_dir
 from common.progress import Progress
 from preprocess.decode import STORED_JPEG_QUALITY, DecodeError, stored_jpeg
 from schemas import SchemaError, table_params, validate
-from schemas.index import INDEX, MANIFEST_VERSION
+from schemas.index import INDEX, MANIFEST_VERSION, check_manifest
 from schemas.proposals import PROPOSALS
 from shards.tarfmt import dali_index, dali_index_line, end_of_archive, pack_sample
 
@@ -460,6 +460,7 @@ class Writer:
                        "parts": self.inputs},
             "packages": package_versions(),
         }
+        check_manifest(manifest, "manifest being written")
         atomic_write_text(self.out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
         failed_pack = sum(1 for r in rows if (r["error"] or "").startswith("packing:"))
         print(f"[shards {self.dataset}] done: {packed} samples in {len(shards)} shards "
