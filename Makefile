@@ -84,6 +84,11 @@ bench-shards: setup
 bench-stats: setup
 	$(PY) -m bench.stats
 
+# Loader images/s per CPU core, every recipe, DALI (CPU) vs the torchvision reference and the
+# DALI decode+crop bound; peak memory (issue 5). BENCH_LOADER_ARGS e.g. --samples 256 --rounds 2.
+bench-loader: setup
+	$(PY) -m bench.loader $(BENCH_LOADER_ARGS)
+
 # SoCo small config on CPU: steps/s, data-wait share, forward/backward/optimiser split (issue 6).
 bench-train: setup
 	$(PY) -m bench.train $(BENCH_TRAIN_ARGS)
