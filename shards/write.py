@@ -495,6 +495,18 @@ def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=N
         return Writer(dataset, pdir, out, params, root, workers).run(overwrite)
 
 
+def byte_size(text: str) -> int:
+    """'1000000', '512M', '1.5G' (powers of 1024) -> bytes, for --max-bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text[-1:] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500000000, 512M, 2G)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", required=True, help="dataset name under WORK_DIR")
@@ -504,7 +516,8 @@ def main(argv=None) -> int:
     d = PackParams()
     ap.add_argument("--seed", type=int, default=d.seed, help="global shuffle seed")
     ap.add_argument("--max-samples", type=int, default=d.max_samples, help="samples per shard")
-    ap.add_argument("--max-bytes", type=int, default=d.max_bytes, help="bytes per shard")
+    ap.add_argument("--max-bytes", type=byte_size, default=d.max_bytes,
+                    help="bytes per shard, e.g. 512M or 2G (default 1G)")
     ap.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
                     help="quality of re-encoded images (plain JPEG sources are kept as is)")
     ap.add_argument("--workers", type=int, default=None,

@@ -263,9 +263,12 @@ def test_cli_make_shards_then_verify(hand_parts, tmp_path):
     env = {"WORK_DIR": str(work), "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
            "OMP_NUM_THREADS": "1"}
     w = subprocess.run([sys.executable, "-m", "shards.write", "--dataset", "sample",
-                        "--max-samples", "5"], env=env, capture_output=True, text=True)
+                        "--max-samples", "5", "--max-bytes", "1.5M"], env=env,
+                       capture_output=True, text=True)
     assert w.returncode == 0, w.stderr
     assert "done: 13 samples in 3 shards" in w.stderr
+    manifest = json.loads((work / "sample" / "shards" / "manifest.json").read_text())
+    assert manifest["packing"]["max_bytes"] == 1536 * 1024
     umask = os.umask(0o022)
     os.umask(umask)
     for f in (work / "sample" / "shards").glob("*.*"):  # not mkstemp's 0600: others may read
