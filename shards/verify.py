@@ -20,11 +20,11 @@ from common.io import sha256_file
 from common.keys import BadKeyError, check_key
 from common.paths import shards_dir
 from common.progress import Progress
-from schemas import SchemaError, validate
+from schemas import validate
 from schemas.index import INDEX, check_manifest
 from shards.reader import INDEX_FILE, MANIFEST, Sample, iter_tar
 from shards.tarfmt import ShardError, dali_index, dali_index_line
-from shards.write import png_size, SampleError
+from shards.write import SampleError, png_size
 
 
 def check_sample(key: str, members: dict[str, bytes], row: dict, decode: bool) -> list[str]:
