@@ -204,7 +204,7 @@ def train(cfg: dict) -> dict:
     dtype = autocast_dtype(cfg, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16)
 
-    step, state = 0, checkpoint.load_latest(out)
+    step, state, resume_mid_epoch = 0, checkpoint.load_latest(out), True
     if state is not None:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -215,12 +215,17 @@ def train(cfg: dict) -> dict:
         if len(rngs) == info.world_size:
             checkpoint.set_rng_state(rngs[info.rank])
         if step % steps_per_epoch and state.get("loader") is not None:
-            loader.load_state_dict(state["loader"])
+            try:
+                loader.load_state_dict(state["loader"])
+            except ValueError as e:  # e.g. restarted with another world size (elastic)
+                print(f"[pretrain] warning: cannot resume the loader mid-epoch ({e}); epoch "
+                      f"{step // steps_per_epoch} restarts from its first batch", file=sys.stderr, flush=True)
+                resume_mid_epoch = False
     model = method
     if info.distributed:
         model = DDP(method, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                     find_unused_parameters=getattr(method, "find_unused_parameters", False),
-                    broadcast_buffers=False)
+                    forward_sync_buffers=False)  # per-rank BN statistics, as SoCo (methods.md 1.8)
 
     metrics = Metrics(out, total, global_batch, start_step=step, enabled=info.is_main,
                       log_every=int(get(cfg, "train.log_every", 10)),
@@ -245,7 +250,7 @@ def train(cfg: dict) -> dict:
         distributed.barrier()
 
     model.train()
-    fresh_epoch = state is None or step % steps_per_epoch == 0
+    fresh_epoch = state is None or step % steps_per_epoch == 0 or not resume_mid_epoch
     try:
         while step < total:
             epoch = step // steps_per_epoch
