@@ -342,6 +342,7 @@ class Writer:
     def _run(self, overwrite: bool) -> dict:
         self.check_plan(overwrite)
         shards = self.finished_shards()
+        self.skipped = len(shards)
         pos = shards[-1]["end"] if shards else 0
         progress = Progress(f"shards {self.dataset}", len(self.order), unit="img")
         progress.update(pos, force=bool(pos))
@@ -467,7 +468,8 @@ class Writer:
               f"({sum(s['bytes'] for s in shards) / 1e6:.1f} MB) at {self.out}; "
               f"{len(rows) - packed} not packed ({failed_pack} failed packing, "
               f"{len(rows) - packed - failed_pack} failed preprocessing: see index.parquet "
-              f"column 'error'); {progress.elapsed:.1f}s", file=sys.stderr, flush=True)
+              f"column 'error'); {self.skipped} shards were complete already and kept; "
+              f"{progress.elapsed:.1f}s", file=sys.stderr, flush=True)
         return manifest
 
 
