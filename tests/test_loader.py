@@ -381,3 +381,30 @@ def test_every_recipe_on_the_built_in_sample_shards(backend, sample_shards):
         for mask_key in loader.recipe.mask_views:
             assert batch[mask_key].dtype == torch.int64 and batch[mask_key].shape == (2, 224, 224)
             assert batch[mask_key].min() >= 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grey_jpeg_gives_rgb_views_and_a_broken_jpeg_is_named(backend, tmp_path):
+    """A single-channel JPEG (as some COCO images are) yields 3-channel views; a JPEG
+    that does not decode fails with the shard and sample named."""
+    import io
+
+    from PIL import Image
+
+    from train.loader.synthetic import draw_image, sample_members, write_tar
+    rng = np.random.default_rng(0)
+    members = []
+    for key in ("grey", "broken"):
+        rgb, labels, rects = draw_image(rng, 96, 64, 2)
+        m = dict(sample_members(key, rgb, labels, rects))
+        buf = io.BytesIO()
+        Image.fromarray(rgb[:, :, 0]).save(buf, "JPEG", quality=90)
+        m["jpg"] = buf.getvalue() if key == "grey" else b"\xff\xd8not a jpeg"
+        members.append((key, list(m.items())))
+    write_tar(tmp_path / "a-000000.tar", members[:1])
+    batch = next(iter(build_loader("mocov2", tmp_path, 1, backend=backend, num_workers=0)))
+    assert batch["query"].shape == (1, 3, 224, 224)
+    write_tar(tmp_path / "b-000000.tar", members[1:])
+    loader = build_loader("mocov2", tmp_path, 2, backend=backend, num_workers=0)
+    with pytest.raises(ShardReadError, match=r"b-000000\.tar sample broken.*does not decode"):
+        next(iter(loader))

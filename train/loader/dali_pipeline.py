@@ -51,7 +51,7 @@ def reduction(plan) -> int:
     return max((f for f in (1, 2, 4, 8) if f <= shrink), default=1)
 
 
-def decode_reduced(jpeg: bytes, factor: int, key: str) -> np.ndarray:
+def decode_reduced(jpeg: bytes, factor: int, where: str) -> np.ndarray:
     """RGB HWC uint8 at 1/factor of the stored size (libjpeg's reduced IDCT, via OpenCV).
     Pixel j of the result covers stored pixels [factor*j, factor*(j+1)), so crop windows
     just divide by `factor`. EXIF orientation is ignored, as in the reference: shards
@@ -60,9 +60,18 @@ def decode_reduced(jpeg: bytes, factor: int, key: str) -> np.ndarray:
              8: cv2.IMREAD_REDUCED_COLOR_8}[factor] | cv2.IMREAD_IGNORE_ORIENTATION
     bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flags)
     if bgr is None:
-        raise ShardReadError(f"sample {key}: its .jpg member does not decode; rebuild the shards "
-                             "with make shards")
+        raise ShardReadError(f"{where}: the .jpg member does not decode; rebuild the shards "
+                             "with make shards (preprocess validates every image)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def check_size(image: np.ndarray, raw, factor: int, where: str) -> np.ndarray:
+    """Crop windows come from the json's size: a JPEG of another size would shift them."""
+    want = (-(-raw.height // factor), -(-raw.width // factor))
+    if image.shape[:2] != want:
+        raise ShardReadError(f"{where}: JPEG decodes to {image.shape[:2]} (h, w) at 1/{factor} "
+                             f"but its json says {(raw.height, raw.width)}; rebuild the shards")
+    return image
 
 
 class Feeder:
@@ -84,9 +93,10 @@ class Feeder:
             rng = np.random.default_rng([self.seed, self.epoch, int(slot)])
             raw = self.source.load(int(index), self.recipe.mask_member)
             plan = self.recipe.plan(raw.width, raw.height, raw.boxes, NumpyDraw(rng), rng)
+            where = self.source.where(int(index))
             if self.decode_here:
                 factor = reduction(plan)
-                cols[0].append(decode_reduced(raw.jpeg, factor, raw.key))
+                cols[0].append(check_size(decode_reduced(raw.jpeg, factor, where), raw, factor, where))
             else:
                 factor = 1
                 cols[0].append(np.frombuffer(raw.jpeg, np.uint8))
@@ -101,7 +111,7 @@ class Feeder:
                 cols[col + 4].append(np.array(sigma, np.float32))
                 cols[col + 5].append(np.array(solarize))
                 col += PER_VIEW
-            labels = label_map(self.recipe, raw, str(self.source.tars[self.source.refs[int(index)].shard]))
+            labels = label_map(self.recipe, raw, where)
             for view_name in self.recipe.mask_views.values():  # full-size maps: unscaled windows
                 v = plan.views[view_name]
                 cols[col].append(labels[:, :, None])

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T, tv_tensors
-from torchvision.io import decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from . import collate, geometry as G
 from .recipes import COLOUR, Recipe, blur_kernel, label_map
-from .source import ShardSource
+from .source import ShardReadError, ShardSource
 from .split import worker_batches
 
 INTERP = {"linear": F.InterpolationMode.BILINEAR, "cubic": F.InterpolationMode.BICUBIC}
@@ -63,11 +63,16 @@ def transform_sample(recipe: Recipe, source: ShardSource, index: int, seed_words
         rng = np.random.default_rng(seed_words + [1])
         raw = source.load(index, recipe.mask_member)
         plan = recipe.plan(raw.width, raw.height, raw.boxes, TorchDraw(), rng)
-        image = tv_tensors.Image(decode_jpeg(torch.frombuffer(bytearray(raw.jpeg), dtype=torch.uint8)))
+        where = source.where(index)
+        try:
+            image = tv_tensors.Image(decode_jpeg(torch.frombuffer(bytearray(raw.jpeg), dtype=torch.uint8),
+                                                 mode=ImageReadMode.RGB))  # grey JPEGs too
+        except RuntimeError as e:
+            raise ShardReadError(f"{where}: the .jpg member does not decode ({e}); rebuild the "
+                                 "shards with make shards") from e
         if image.shape[-2:] != (raw.height, raw.width):
-            from .source import ShardReadError
-            raise ShardReadError(f"sample {raw.key}: JPEG is {tuple(image.shape[-2:])} but its "
-                                 f"json says {(raw.height, raw.width)}; rebuild the shards")
+            raise ShardReadError(f"{where}: JPEG is {tuple(image.shape[-2:])} (h, w) but its json "
+                                 f"says {(raw.height, raw.width)}; rebuild the shards")
         out = {}
         for spec in recipe.views:
             x = geometric(image, plan.views[spec.name], INTERP[spec.interp])
@@ -75,7 +80,7 @@ def transform_sample(recipe: Recipe, source: ShardSource, index: int, seed_words
                 x = colour_transform(spec.colour, spec.size)(x)
             out[spec.name] = F.normalize(F.to_dtype(x, torch.float32, scale=True),
                                          collate.MEAN, collate.STD).as_subclass(torch.Tensor)
-        labels = label_map(recipe, raw, f"{source.dir} sample {raw.key}")
+        labels = label_map(recipe, raw, where)
         for mask_key, view_name in recipe.mask_views.items():
             mask = tv_tensors.Mask(torch.from_numpy(labels.astype(np.int64))[None])
             out[mask_key] = geometric(mask, plan.views[view_name],

@@ -116,9 +116,14 @@ class ShardSource:
                                  f"needs {size} bytes at offset {off}, got {len(data)}; {FIX}")
         return data
 
+    def where(self, index: int) -> str:
+        """'<tar> sample <key>': how error messages name a sample."""
+        ref = self.refs[index]
+        return f"{self.tars[ref.shard]} sample {ref.key}"
+
     def load(self, index: int, extra: tuple[str, ...] = ()) -> RawSample:
         ref = self.refs[index]
-        where = f"{self.tars[ref.shard]} sample {ref.key}"
+        where = self.where(index)
         try:
             meta = json.loads(self._read(ref, "json"))
             width, height = int(meta["width"]), int(meta["height"])
