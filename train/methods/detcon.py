@@ -146,7 +146,10 @@ def gather_targets(targets: list[torch.Tensor]) -> tuple[list[torch.Tensor], int
     targets carry no gradient anyway."""
     if not dist.is_initialized():
         return targets, 0
-    return [all_gather_with_grad(t) for t in targets], dist.get_rank() * targets[0].shape[0]
+    # one collective for both views: two differentiable gathers may run their backward
+    # collectives in different orders on different ranks and swap gradients
+    gathered = all_gather_with_grad(torch.stack(targets, dim=1))            # [world*B, views, M, D]
+    return list(gathered.unbind(dim=1)), dist.get_rank() * targets[0].shape[0]
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
