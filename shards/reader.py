@@ -21,7 +21,7 @@ from PIL import Image
 from common.keys import check_key
 from schemas import SchemaError, validate
 from schemas.index import INDEX, check_manifest
-from shards.tarfmt import ShardError, check_member_name, iter_members
+from shards.tarfmt import ShardError, check_member_name, check_shard_name, iter_members
 
 MANIFEST = "manifest.json"
 INDEX_FILE = "index.parquet"
@@ -111,7 +111,8 @@ class ShardDataset:
         self.manifest = check_manifest(manifest, str(manifest_path))
         index_path = self.dir / INDEX_FILE
         self.index = validate(pq.read_table(index_path), INDEX, str(index_path))
-        self.shards = [s["name"] for s in self.manifest["shards"]]
+        self.shards = [check_shard_name(s["name"], str(manifest_path))
+                       for s in self.manifest["shards"]]
         order = {name: i for i, name in enumerate(self.shards)}
         rows = [r for r in self.index.select(["key", "status", "error", "shard", "position",
                                               "tar_offset", "tar_size", "crc32", "members"]

@@ -35,6 +35,17 @@ def member_header(name: str, size: int, mtime: int) -> bytes:
     return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="strict")
 
 
+SHARD_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,100}\.tar$")
+
+
+def check_shard_name(name: str, where: str) -> str:
+    """A shard file name from a manifest or index must stay inside the shards folder."""
+    if not isinstance(name, str) or not SHARD_PATTERN.match(name):
+        raise BadKeyError(f"unsafe shard name {name!r} in {where}: shard names must match "
+                          f"{SHARD_PATTERN.pattern}; rebuild the shards with make shards")
+    return name
+
+
 def split_name(name: str) -> tuple[str, str]:
     """`KEY.ext.more` -> (KEY, 'ext.more'): first dot, as webdataset and DALI split."""
     key, dot, ext = name.partition(".")

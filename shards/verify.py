@@ -23,7 +23,7 @@ from common.progress import Progress
 from schemas import validate
 from schemas.index import INDEX, check_manifest
 from shards.reader import INDEX_FILE, MANIFEST, Sample, iter_tar
-from shards.tarfmt import ShardError, dali_index, dali_index_line
+from shards.tarfmt import ShardError, check_shard_name, dali_index, dali_index_line
 from shards.write import SampleError, png_size
 
 
@@ -146,7 +146,10 @@ def verify(folder, decode: bool = False) -> list[str]:
             rows_by_shard[row["shard"]].append(row)
         elif row["shard"] is not None:
             problems.append(f"{INDEX_FILE} key {row['key']}: failed but assigned to {row['shard']}")
-    names = [s["name"] for s in manifest["shards"]]
+    try:
+        names = [check_shard_name(s["name"], MANIFEST) for s in manifest["shards"]]
+    except BadKeyError as e:
+        return problems + [str(e)]
     for name in sorted(set(rows_by_shard) - set(names)):
         problems.append(f"{INDEX_FILE}: samples in shard {name}, which the manifest does not list")
     stray = sorted(p.name for p in folder.glob("*.tar") if p.name not in names)

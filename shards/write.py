@@ -40,7 +40,8 @@ from preprocess.decode import STORED_JPEG_QUALITY, DecodeError, stored_jpeg
 from schemas import SchemaError, table_params, validate
 from schemas.index import INDEX, MANIFEST_VERSION, check_manifest
 from schemas.proposals import PROPOSALS
-from shards.tarfmt import dali_index, dali_index_line, end_of_archive, pack_sample
+from shards.tarfmt import (check_shard_name, dali_index, dali_index_line, end_of_archive,
+                           pack_sample)
 
 ROWS_DIR = "_rows"
 PLAN_FILE = "plan.json"
@@ -272,6 +273,7 @@ class Writer:
                  workers: int | None = None):
         self.dataset, self.pdir, self.out, self.params = dataset, Path(pdir), Path(out), params
         self.workers = workers or min(8, os.cpu_count() or 1)
+        self.shard_name(0)  # refuse an unusable dataset name before any work
         self.rows_dir = self.out / ROWS_DIR
         self.spill = self.rows_dir / ".proposals.arrow.tmp"  # see load_parts
         remove_stale_temporaries(self.out)
@@ -288,7 +290,8 @@ class Writer:
         return self.table.slice(i, 1).to_pylist()[0]
 
     def shard_name(self, n: int) -> str:
-        return f"{self.dataset}-{n:06d}.tar"
+        return check_shard_name(f"{self.dataset}-{n:06d}.tar", "--dataset (use letters, "
+                                "digits, '_' and '-')")
 
     def plan(self) -> dict:
         return {"dataset": self.dataset, "packing": asdict(self.params), "inputs": self.inputs}

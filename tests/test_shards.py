@@ -253,6 +253,14 @@ def test_escaping_keys_rejected_on_write_and_read(sample_raw, hand_shards, tmp_p
     pq.write_table(table, out / "index.parquet")
     with pytest.raises(BadKeyError, match="index.parquet"):
         ShardDataset(out)
+    # a manifest whose shard name was edited to point outside the folder
+    shutil.copy(hand_shards[0] / "index.parquet", out / "index.parquet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = "../../outside.tar"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BadKeyError, match="unsafe shard name '../../outside.tar'"):
+        ShardDataset(out)
+    assert verify_main(["--dir", str(out)]) == 1
 
 
 def test_cli_make_shards_then_verify(hand_parts, tmp_path):
