@@ -278,6 +278,9 @@ def _run_parts(items: list[dict], config: JobConfig, out: Path, params: dict) ->
     try:
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False  # our own Progress line instead
+        # A task that still fails after Ray's retries (its worker crashed, e.g. in native code
+        # on a malformed image) must not sink the job: its images become 'lost' rows below.
+        ctx.max_errored_blocks = -1
         expected: dict[int, dict[str, dict]] = {}
         for item in items:
             expected.setdefault(item["part"], {})[item["key"]] = item

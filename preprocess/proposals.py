@@ -29,7 +29,7 @@ MIN_SIDE_FOR_SEARCH = 8  # below this selective search has nothing to group: who
 @dataclass(frozen=True)
 class ProposalParams:
     mode: str = "fast"            # OpenCV strategy: fast (default), quality, single
-    max_side: int = 300           # longer side of the copy searched; 0 = full resolution
+    max_side: int = 200           # longer side of the copy searched (bench-preprocess); 0 = full
     max_boxes: int = 200          # cap after filtering, generator order kept
     min_box: float = 32.0         # w and h >= this, original pixels
     max_ratio: float = 3.0        # 1/max_ratio <= w/h <= max_ratio
@@ -68,7 +68,7 @@ def map_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[int,
     return out.astype(np.float32)
 
 
-def selective_search(rgb: np.ndarray, mode: str = "fast", max_side: int = 300) -> np.ndarray:
+def selective_search(rgb: np.ndarray, mode: str = "fast", max_side: int = ProposalParams.max_side) -> np.ndarray:
     """Raw proposals in generator order, float32 x1,y1,x2,y2 in the original's pixels."""
     height, width = rgb.shape[:2]
     if min(width, height) < MIN_SIDE_FOR_SEARCH:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from common.paths import proposals_dir
 from preprocess.datasets import list_images
-from preprocess.job import JOB_FILE, JobConfig, JobError, read_parts, run
+from preprocess.job import JOB_FILE, STAGES, JobConfig, JobError, read_parts, run
 from preprocess.mcg import decode_bitfield_png
 from preprocess.proposals import ProposalParams
 from preprocess.segments import decode_label_png
@@ -156,7 +156,13 @@ def make_bad_inputs(root: Path) -> dict[str, str]:
     put("ünï cödé with spaces.jpg", _jpeg(photo), "ok")
     put("left/same.jpg", _jpeg(photo), "ok")
     put("right/same.jpg", _jpeg(photo[::-1]), "ok")
+    put("lost.jpg", _jpeg(photo), "failed")  # dropped inside Ray by the stage below
     return cases
+
+
+def drop_lost_image(ds, config, num_cpus):
+    """A stage that loses one row, as a crashed worker would: the driver must record it."""
+    return ds.filter(lambda row: not row["source_path"].endswith("lost.jpg"))
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +170,12 @@ def bad_rows(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
     cases = make_bad_inputs(root)
     work = tmp_path_factory.mktemp("bad_work")
-    job = run(JobConfig(dataset="folder", root=str(root), work_dir=str(work), part_size=5, num_cpus=2,
-                        max_pixels=200_000))
+    STAGES.append(drop_lost_image)
+    try:
+        job = run(JobConfig(dataset="folder", root=str(root), work_dir=str(work), part_size=5, num_cpus=2,
+                            max_pixels=200_000))
+    finally:
+        STAGES.remove(drop_lost_image)
     rows = {r["source_path"]: r for r in read_parts(proposals_dir("folder", work)).to_pylist()}
     return cases, rows, job
 
@@ -174,12 +184,13 @@ def test_bad_input_job_finishes_with_one_row_each(bad_rows):
     cases, rows, job = bad_rows
     assert set(rows) == set(cases)
     assert len({r["key"] for r in rows.values()}) == len(cases)  # equal basenames: distinct keys
-    assert job["counts"]["status"] == {"failed": 5, "ok": len(cases) - 5}
+    assert job["counts"]["status"] == {"failed": 6, "ok": len(cases) - 6}
 
 
 @pytest.mark.parametrize("name,reason", [
     ("zero.jpg", "zero-byte"), ("truncated.jpg", "truncated"), ("text.jpg", "not a decodable image"),
     ("huge.png", "exceeds the limit of 200000"), ("unreadable.jpg", "cannot read"),
+    ("lost.jpg", "lost: no result came back"),
 ])
 def test_bad_file_is_a_failed_row_with_its_reason(bad_rows, name, reason):
     _, rows, _ = bad_rows
