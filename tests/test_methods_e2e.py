@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from train.config import load_config
+from train.export import main as export_main
 from train.models.backbone import build_backbone
 from train import pretrain
 from train.pretrain import train
@@ -73,7 +74,20 @@ def test_method_trains_checkpoints_resumes_and_exports(name, sample_shards, tmp_
         assert torch.allclose(final[key].float(), resumed_final[key].float(), rtol=1e-4, atol=1e-6), key
     assert not torch.equal(final["conv1.weight"], at_step2["conv1.weight"])   # steps 3-4 moved the weights
 
-    # export: a torchvision-layout backbone equal to the trained online backbone
+    # export: a torchvision-layout backbone equal to the trained online backbone ...
     exported = torch.load(tmp_path / "straight" / "exported" / "backbone_torchvision.pth", weights_only=True)
     build_backbone("resnet18", width=16).load_state_dict(exported, strict=True)
     assert all(torch.equal(exported[k], final[k]) for k in exported)
+    # ... or, from the checkpoint, the EMA/momentum one (DetCon-S has none and says so)
+    cli = ["--checkpoint", str(tmp_path / "straight" / "checkpoints" / "last.pt"), "--target",
+           "--out", str(tmp_path / "target")]
+    if name == "detcon_s":
+        with pytest.raises(ValueError, match="no EMA target"):
+            export_main(cli)
+        return
+    export_main(cli)
+    ema = torch.load(tmp_path / "target" / "backbone_torchvision.pth", weights_only=True)
+    prefix = "target_backbone." if name.startswith("detcon") else "key_backbone."
+    model = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(ema[k], model[prefix + k]) for k in ema)
+    assert not torch.equal(ema["conv1.weight"], exported["conv1.weight"])

@@ -181,6 +181,11 @@ class DetCon(Method):
             ema_update(self.backbone, self.target_backbone, m)
             ema_update(self.projector, self.target_projector, m)
 
+    def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
+        if target and self.variant != "b":
+            raise ValueError("DetCon-S has no EMA target network: export with export.target=false")
+        return {"backbone": self.target_backbone if target else self.backbone}
+
     def _embed(self, backbone, projector, feature_map, cells, ids) -> torch.Tensor:
         pooled = pool_in_masks(feature_map, cells, ids)                               # [B,M,C]
         return projector(pooled.flatten(0, 1)).view(*ids.shape, -1)

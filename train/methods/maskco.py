@@ -96,6 +96,10 @@ class MaskCo(Method):
         return [dict(params=[p for p in self.parameters() if p.requires_grad],
                      weight_decay=weight_decay, lars=False)]
 
+    def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
+        """`target`: the momentum key encoder's backbone instead of the query one."""
+        return {"backbone": self.key_backbone if target else self.backbone}
+
     def momentum_update(self, step: int, total_steps: int) -> None:
         ema_update(self.backbone, self.key_backbone, self.momentum)
         ema_update(self.head, self.key_head, self.momentum)
