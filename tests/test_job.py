@@ -161,8 +161,13 @@ def make_bad_inputs(root: Path) -> dict[str, str]:
 
 
 def drop_lost_image(ds, config, num_cpus):
-    """A stage that loses one row, as a crashed worker would: the driver must record it."""
-    return ds.filter(lambda row: not row["source_path"].endswith("lost.jpg"))
+    """A stage whose Ray task fails for one image after the per-image step (as a crashed
+    worker would): the job must go on and record that image as lost."""
+    def crash_on_lost(batch):  # nested, so Ray ships it by value (workers cannot import tests)
+        if any(p.endswith("lost.jpg") for p in batch.column("source_path").to_pylist()):
+            raise RuntimeError("simulated worker crash")
+        return batch
+    return ds.map_batches(crash_on_lost, batch_format="pyarrow", batch_size=None)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +178,7 @@ def bad_rows(tmp_path_factory):
     STAGES.append(drop_lost_image)
     try:
         job = run(JobConfig(dataset="folder", root=str(root), work_dir=str(work), part_size=5, num_cpus=2,
-                            max_pixels=200_000))
+                            batch_size=1, max_pixels=200_000))  # one image a task: only lost.jpg is lost
     finally:
         STAGES.remove(drop_lost_image)
     rows = {r["source_path"]: r for r in read_parts(proposals_dir("folder", work)).to_pylist()}
