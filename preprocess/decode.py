@@ -42,6 +42,8 @@ def _open(path, data: bytes | None = None, limit: int | None = None) -> Image.Im
     if not data:
         raise DecodeError(f"{path}: zero-byte file; re-copy or remove it")
     limit = limit or max_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # PIL's own bomb check must not undercut a raised limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -117,7 +116,7 @@ def process_image(item: dict, params: dict) -> dict:
                                                  decoded.raw_size, decoded.orientation)
             row["gt_json"] = json.dumps({"width": rgb.shape[1], "height": rgb.shape[0], "annotations": anns},
                                         sort_keys=True)
-            row["gt_png"] = None if label_map is None else encode_label_png16(label_map)
+            row["gt_png"] = None if label_map is None else encode_label_png(label_map, bits=16)
         row["status"] = "ok"
     except DecodeError as e:
         row["error"] = str(e)
@@ -128,14 +127,6 @@ def process_image(item: dict, params: dict) -> dict:
         row = {k: row.get(k) for k in ("key", "source_path", "sha256", "status", "error", "label")}
     row["elapsed_ms"] = (time.perf_counter() - start) * 1000.0
     return row
-
-
-def encode_label_png16(label_map: np.ndarray) -> bytes:
-    import io
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(label_map.astype(np.uint16)).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 def process_batch(batch: pa.Table, params: dict) -> pa.Table:

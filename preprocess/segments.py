@@ -67,15 +67,16 @@ def fh_segments(rgb: np.ndarray, p: SegmentParams = SegmentParams()) -> np.ndarr
     return relabel_in_order(labels)
 
 
-def encode_label_png(labels: np.ndarray) -> bytes:
-    """PNG of a label map: 8-bit when every id <= 255, else 16-bit. Refuses to wrap."""
+def encode_label_png(labels: np.ndarray, bits: int | None = None) -> bytes:
+    """PNG of a label map: 8-bit when every id <= 255, else 16-bit (or always `bits`=16, as
+    for ground-truth instance ids). Refuses to wrap."""
     top = int(labels.max(initial=0))
     if top > 65535:
         raise ValueError(f"label map has id {top}, more than a 16-bit PNG holds; "
                          "raise the segment min_size")
     if labels.min(initial=0) < 0:
         raise ValueError("label map has negative ids")
-    dtype = np.uint8 if top <= 255 else np.uint16
+    dtype = np.uint8 if top <= 255 and bits != 16 else np.uint16
     buf = io.BytesIO()
     Image.fromarray(labels.astype(dtype)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
