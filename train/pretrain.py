@@ -261,8 +261,10 @@ def train(cfg: dict) -> dict:
             while step < total:
                 t0 = time.perf_counter()
                 item = batches.next()
-                if item is None:
-                    break
+                if item is None:  # len(loader) promised more: never loop on a short epoch
+                    raise RuntimeError(f"the loader ended epoch {epoch} after {step % steps_per_epoch} of "
+                                       f"{steps_per_epoch} batches (len(loader)); check the shards in "
+                                       f"{get(cfg, 'data.shards')} with `make verify`")
                 batch, loader_state = item
                 batch = to_device(batch, info.device, channels_last)
                 t_data = time.perf_counter() - t0
