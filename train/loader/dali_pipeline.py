@@ -1,13 +1,19 @@
 """The DALI backend: one pipeline definition for CPU and GPU.
 
 Python draws each sample's geometry and colour parameters (seeded by epoch and slot,
-see split.py) and feeds them, with the JPEG bytes read by offset from the shards,
-through ONE external_source, so parameters and pixels cannot fall out of step. DALI
-then decodes ("mixed" on GPU, "cpu" otherwise), crops + resizes each view in one
-`fn.resize` over the view's ROI (one decode serves all views), applies colour twist,
+see split.py) and feeds them, with the image read by offset from the shards, through
+ONE external_source, so parameters and pixels cannot fall out of step. DALI crops +
+resizes each view in one `fn.resize` over the view's ROI, applies colour twist,
 grayscale (saturation 0), conditional blur and solarize, and mirror + normalise. Label
-maps go through the same ROI with nearest-neighbour resize and the same flip. Boxes
+maps go through the same window with nearest-neighbour resize and the same flip. Boxes
 never enter DALI: their transform is exact arithmetic (geometry.to_view) in Python.
+
+Where the image is decoded (`decode`): "dali" feeds JPEG bytes and DALI decodes once
+for all views ("mixed" = nvJPEG on GPU). "feeder" (the CPU default) decodes in the
+feeder with OpenCV at the largest DCT reduction every view allows and gives each view
+its own pyramid level (2x2 area averages) holding at least the view's pixels: DALI's
+antialiased CPU resize costs in proportion to the input window, and measured as the
+largest single cost (bench/loader.py), so views that shrink 2x or more start smaller.
 Differences from torchvision (the reference): DALI applies the jitter's brightness,
 contrast, saturation and hue as one colour matrix in a fixed order, and contrast is
 taken around mid-grey rather than the image mean."""
@@ -23,8 +29,19 @@ from . import collate, geometry as G
 from .recipes import COLOUR, NumpyDraw, Recipe, blur_kernel, label_map
 from .source import ShardReadError, ShardSource
 
-PER_VIEW = 6  # roi_start, roi_end, mirror, twist (b, c, s, hue degrees), blur sigma (0 = none), solarize
-PER_MASK = 3  # label map, roi_start, roi_end (in label-map pixels)
+VIEW_INPUTS = ("start", "end", "mirror", "twist", "sigma", "solarize")  # twist: b, c, s, hue deg
+MASK_INPUTS = ("labels", "start", "end")  # windows in label-map pixels
+
+
+def input_names(recipe: Recipe, decode_here: bool) -> list[str]:
+    """The external_source outputs, in order: the feeder and the graph both use this."""
+    names = [] if decode_here else ["jpeg"]
+    for spec in recipe.views:
+        names += ([f"{spec.name}.image"] if decode_here else []) + \
+            [f"{spec.name}.{k}" for k in VIEW_INPUTS]
+    for mask_key in recipe.mask_views:
+        names += [f"{mask_key}.{k}" for k in MASK_INPUTS]
+    return names
 
 
 def draw_colour(rng: np.random.Generator, scheme: str, enabled: bool) -> tuple:
@@ -43,19 +60,21 @@ def draw_colour(rng: np.random.Generator, scheme: str, enabled: bool) -> tuple:
     return twist, np.float32(sigma if u[2] < p["p_blur"] else 0.0), np.bool_(u[3] < p["p_solarize"])
 
 
-def reduction(plan) -> int:
-    """Largest JPEG DCT scale-down (1, 2, 4, 8) that still leaves every view's crop at
-    least as many pixels as the view has: the views lose nothing, the decode and every
-    resize touch up to 64x fewer pixels."""
-    shrink = min(min(v.w / v.out_w, v.h / v.out_h) for v in plan.views.values())
-    return max((f for f in (1, 2, 4, 8) if f <= shrink), default=1)
+def shrink_of(view: G.View) -> float:
+    return min(view.w / view.out_w, view.h / view.out_h)
+
+
+def pow2_at_most(x: float, cap: int = 8) -> int:
+    f = 1
+    while f * 2 <= min(x, cap):
+        f *= 2
+    return f
 
 
 def decode_reduced(jpeg: bytes, factor: int, where: str) -> np.ndarray:
     """RGB HWC uint8 at 1/factor of the stored size (libjpeg's reduced IDCT, via OpenCV).
-    Pixel j of the result covers stored pixels [factor*j, factor*(j+1)), so crop windows
-    just divide by `factor`. EXIF orientation is ignored, as in the reference: shards
-    store the pixels their boxes refer to."""
+    Pixel j of the result covers stored pixels [factor*j, factor*(j+1)). EXIF orientation
+    is ignored, as in the reference: shards store the pixels their boxes refer to."""
     flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
              8: cv2.IMREAD_REDUCED_COLOR_8}[factor] | cv2.IMREAD_IGNORE_ORIENTATION
     bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flags)
@@ -74,6 +93,29 @@ def check_size(image: np.ndarray, raw, factor: int, where: str) -> np.ndarray:
     return image
 
 
+class Pyramid:
+    """One sample's decoded image at the coarsest DCT reduction all its views allow, and
+    further 2x area-averaged levels on demand; `for_view` picks the smallest level that
+    still holds the view's pixels and maps the crop window into it."""
+
+    def __init__(self, raw, plan, where: str):
+        self.raw = raw
+        self.base = pow2_at_most(min(shrink_of(v) for v in plan.views.values()))
+        self.levels = {1: check_size(decode_reduced(raw.jpeg, self.base, where), raw, self.base, where)}
+
+    def for_view(self, view: G.View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g = pow2_at_most(shrink_of(view) / self.base)
+        while g not in self.levels:  # levels are 1, 2, 4, ...: halve the finest missing one
+            top = max(self.levels)
+            h, w = self.levels[top].shape[:2]
+            self.levels[top * 2] = cv2.resize(self.levels[top], (max(w // 2, 1), max(h // 2, 1)),
+                                              interpolation=cv2.INTER_AREA)
+        image = self.levels[g]
+        scale = np.array([image.shape[0] / self.raw.height, image.shape[1] / self.raw.width], np.float32)
+        return (image, np.array([view.y0, view.x0], np.float32) * scale,
+                np.array([view.y0 + view.h, view.x0 + view.w], np.float32) * scale)
+
+
 class Feeder:
     """The external_source callback: one call = one batch, in split order. What the
     pixels do not carry (plans, sample ids) waits in `pending` for the matching output."""
@@ -82,12 +124,13 @@ class Feeder:
                  decode_here: bool = False):
         self.recipe, self.source, self.epoch, self.seed = recipe, source, epoch, seed
         self.decode_here = decode_here
+        self.names = input_names(recipe, decode_here)
         self.batches = iter(batches)
         self.pending: deque = deque()
 
     def __call__(self):
         samples, slots = next(self.batches)  # StopIteration ends the epoch
-        cols = [[] for _ in range(1 + PER_VIEW * len(self.recipe.views) + PER_MASK * len(self.recipe.mask_views))]
+        cols = {name: [] for name in self.names}
         plans, view_boxes = [], []
         for index, slot in zip(samples, slots):
             rng = np.random.default_rng([self.seed, self.epoch, int(slot)])
@@ -95,39 +138,40 @@ class Feeder:
             plan = self.recipe.plan(raw.width, raw.height, raw.boxes, NumpyDraw(rng), rng)
             where = self.source.where(int(index))
             if self.decode_here:
-                factor = reduction(plan)
-                cols[0].append(check_size(decode_reduced(raw.jpeg, factor, where), raw, factor, where))
+                pyramid = Pyramid(raw, plan, where)
             else:
-                factor = 1
-                cols[0].append(np.frombuffer(raw.jpeg, np.uint8))
-            col = 1
+                cols["jpeg"].append(np.frombuffer(raw.jpeg, np.uint8))
             for spec in self.recipe.views:
-                v = plan.views[spec.name]
+                v, n = plan.views[spec.name], spec.name
                 twist, sigma, solarize = draw_colour(rng, spec.colour, self.recipe.cfg["colour"])
-                cols[col].append(np.array([v.y0, v.x0], np.float32) / factor)
-                cols[col + 1].append(np.array([v.y0 + v.h, v.x0 + v.w], np.float32) / factor)
-                cols[col + 2].append(np.int32(v.flip))
-                cols[col + 3].append(twist)
-                cols[col + 4].append(np.array(sigma, np.float32))
-                cols[col + 5].append(np.array(solarize))
-                col += PER_VIEW
+                if self.decode_here:
+                    image, start, end = pyramid.for_view(v)
+                    cols[f"{n}.image"].append(image)
+                else:
+                    start = np.array([v.y0, v.x0], np.float32)
+                    end = np.array([v.y0 + v.h, v.x0 + v.w], np.float32)
+                cols[f"{n}.start"].append(start)
+                cols[f"{n}.end"].append(end)
+                cols[f"{n}.mirror"].append(np.int32(v.flip))
+                cols[f"{n}.twist"].append(twist)
+                cols[f"{n}.sigma"].append(np.array(sigma, np.float32))
+                cols[f"{n}.solarize"].append(np.array(solarize))
             labels = label_map(self.recipe, raw, where)
-            for view_name in self.recipe.mask_views.values():  # full-size maps: unscaled windows
+            for mask_key, view_name in self.recipe.mask_views.items():  # full-size maps
                 v = plan.views[view_name]
-                cols[col].append(labels[:, :, None])
-                cols[col + 1].append(np.array([v.y0, v.x0], np.float32))
-                cols[col + 2].append(np.array([v.y0 + v.h, v.x0 + v.w], np.float32))
-                col += PER_MASK
+                cols[f"{mask_key}.labels"].append(labels[:, :, None])
+                cols[f"{mask_key}.start"].append(np.array([v.y0, v.x0], np.float32))
+                cols[f"{mask_key}.end"].append(np.array([v.y0 + v.h, v.x0 + v.w], np.float32))
             plans.append(plan)
             view_boxes.append({k: G.to_view(b, plan.views[vn]) for k, (vn, b) in plan.boxes.items()})
         self.pending.append((plans, view_boxes, samples))
-        return tuple(cols)
+        return tuple(cols[name] for name in self.names)
 
 
 def build_pipeline(recipe: Recipe, feeder: Feeder, batch_size: int, num_threads: int,
                    device_id: int | None):
-    """The graph. Its input image is JPEG bytes decoded here ("mixed" on GPU) or, when
-    `feeder.decode_here`, pixels the feeder already decoded at reduced size."""
+    """The graph; the same for CPU and GPU. Views crop from the image DALI decoded
+    ("mixed" on GPU) or, with `feeder.decode_here`, from the level the feeder chose."""
     from nvidia.dali import fn, pipeline_def, types
     import nvidia.dali.math as dmath
 
@@ -135,42 +179,42 @@ def build_pipeline(recipe: Recipe, feeder: Feeder, batch_size: int, num_threads:
     interp = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
     mean = [m * 255 for m in collate.MEAN]
     std = [s * 255 for s in collate.STD]
-    n_views, n_masks = len(recipe.views), len(recipe.mask_views)
-    layouts = ["HWC" if feeder.decode_here else None] + [None] * PER_VIEW * n_views + ["HWC", None, None] * n_masks
+    names = feeder.names
+    layouts = ["HWC" if n.endswith((".image", ".labels")) else None for n in names]
 
     @pipeline_def(enable_conditionals=True)
     def views_pipeline():
-        ins = fn.external_source(source=feeder, num_outputs=len(layouts), batch=True,
-                                 layout=layouts)
-        if feeder.decode_here:
-            image = ins[0]
-        else:  # "mixed": nvJPEG / the hardware JPEG decoder
-            image = fn.decoders.image(ins[0], device="mixed" if gpu else "cpu",
+        ins = dict(zip(names, fn.external_source(source=feeder, num_outputs=len(names),
+                                                 batch=True, layout=layouts)))
+        if not feeder.decode_here:
+            image = fn.decoders.image(ins["jpeg"], device="mixed" if gpu else "cpu",
                                       output_type=types.RGB, adjust_orientation=False)
-        outs, rois = [], {}
-        for i, spec in enumerate(recipe.views):
-            start, end, mirror, twist, sigma, solarize = ins[1 + PER_VIEW * i: 1 + PER_VIEW * (i + 1)]
-            rois[spec.name] = (start, end, mirror)
-            x = fn.resize(image, size=[spec.size, spec.size], roi_start=start, roi_end=end,
-                          interp_type=interp[spec.interp], antialias=True)
+        outs = []
+        for spec in recipe.views:
+            n = spec.name
+            src = ins[f"{n}.image"] if feeder.decode_here else image
+            src = src.gpu() if gpu and feeder.decode_here else src
+            x = fn.resize(src, size=[spec.size, spec.size], roi_start=ins[f"{n}.start"],
+                          roi_end=ins[f"{n}.end"], interp_type=interp[spec.interp], antialias=True)
+            twist = ins[f"{n}.twist"]
             # float out + clamp: half the cost of uint8 out, same values up to rounding
             x = dmath.clamp(fn.color_twist(x, brightness=twist[0], contrast=twist[1],
                                            saturation=twist[2], hue=twist[3], dtype=types.FLOAT),
                             0.0, 255.0)
-            if sigma > 0:  # window 2*ceil(3 sigma)+1 (DALI's default), not BYOL's fixed 23
-                x = fn.gaussian_blur(x, sigma=sigma)
-            if solarize:
+            if ins[f"{n}.sigma"] > 0:  # window 2*ceil(3 sigma)+1 (DALI's default), not BYOL's 23
+                x = fn.gaussian_blur(x, sigma=ins[f"{n}.sigma"])
+            if ins[f"{n}.solarize"]:
                 x = x + (x >= 128.0) * (255.0 - 2.0 * x)
-            outs.append(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW",
-                                                 mean=mean, std=std, mirror=mirror))
-        for j, (mask_key, view_name) in enumerate(recipe.mask_views.items()):
-            mirror = rois[view_name][2]
+            outs.append(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean,
+                                                 std=std, mirror=ins[f"{n}.mirror"]))
+        for mask_key, view_name in recipe.mask_views.items():
             size = next(s.size for s in recipe.views if s.name == view_name)
-            lab, start, end = ins[1 + PER_VIEW * n_views + PER_MASK * j: 1 + PER_VIEW * n_views + PER_MASK * (j + 1)]
+            lab = ins[f"{mask_key}.labels"]
             lab = lab.gpu() if gpu else lab
-            lab = fn.resize(lab, size=[size, size], roi_start=start, roi_end=end,
-                            interp_type=types.INTERP_NN, antialias=False)
-            outs.append(fn.cast(fn.flip(lab, horizontal=mirror), dtype=types.INT32))
+            lab = fn.resize(lab, size=[size, size], roi_start=ins[f"{mask_key}.start"],
+                            roi_end=ins[f"{mask_key}.end"], interp_type=types.INTERP_NN,
+                            antialias=False)
+            outs.append(fn.cast(fn.flip(lab, horizontal=ins[f"{view_name}.mirror"]), dtype=types.INT32))
         return tuple(outs)
 
     return views_pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
@@ -192,11 +236,12 @@ def to_torch(tensor_list) -> torch.Tensor:
 def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int,
             batch_size: int, num_threads: int, device_id: int | None, decode: str = "auto"):
     """Yield finished batch dicts for `batches` (a list of (samples, slots)).
-    decode: "dali" (DALI's decoder), "feeder" (OpenCV reduced-size decode in the feeder)
+    decode: "dali" (DALI's decoder), "feeder" (OpenCV decode + pyramid in the feeder)
     or "auto" (feeder on CPU, where it measured faster; DALI's mixed decode on GPU)."""
     if not batches:
         return
-    feeder = Feeder(recipe, source, batches, epoch, seed, decode_here=decode == "feeder" or (decode == "auto" and device_id is None))
+    decode_here = decode == "feeder" or (decode == "auto" and device_id is None)
+    feeder = Feeder(recipe, source, batches, epoch, seed, decode_here)
     pipe = build_pipeline(recipe, feeder, batch_size, num_threads, device_id)
     pipe.build()
     names = [s.name for s in recipe.views] + list(recipe.mask_views)
