@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -203,6 +204,18 @@ def test_pool_in_masks_is_mean_inside_each_mask():
 
 
 # --- a real 2-process gloo group -------------------------------------------------------
+def run_ranks(worker, world: int, *args, timeout_s: float = 120) -> None:
+    """Run `worker(rank, world, *args)` in `world` forked processes (fast: no fresh torch
+    import) and fail instead of hanging if they do not finish in time."""
+    ctx = mp.start_processes(worker, args=(world, *args), nprocs=world, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} gloo ranks did not finish within {timeout_s}s")
+
+
 def _gloo_worker(rank, world, init_file, arrays, out_dir):
     """One rank: DetCon-B loss on gathered targets; DetCon-S loss and gradients through
     the differentiable gather. Writes its results for the parent to compare."""
@@ -231,7 +244,7 @@ def test_two_gloo_ranks_gather_targets_and_route_detcon_s_gradients(tmp_path):
     pred1, pred2, t1, t2 = rng.normal(size=(4, world * B, 5, 6))
     ids1, ids2 = rng.integers(0, 4, size=(2, world * B, 5))
     arrays = (pred1, pred2, t1, t2, ids1, ids2)
-    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), arrays, str(tmp_path)), nprocs=world)
+    run_ranks(_gloo_worker, world, str(tmp_path / "init"), arrays, str(tmp_path))
     # reference in one process: DetCon-S's objective is the sum of the per-rank losses
     z1, z2 = (torch.tensor(t, requires_grad=True) for t in (t1, t2))
     i1, i2 = _torch(ids1, ids2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -118,6 +119,18 @@ def test_mocov2_rejects_unknown_options():
         get("mocov2").build({"model": {"queue": 5}})
 
 
+def run_ranks(worker, world: int, *args, timeout_s: float = 120) -> None:
+    """Run `worker(rank, world, *args)` in `world` forked processes (fast: no fresh torch
+    import) and fail instead of hanging if they do not finish in time."""
+    ctx = mp.start_processes(worker, args=(world, *args), nprocs=world, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} gloo ranks did not finish within {timeout_s}s")
+
+
 def _shuffle_worker(rank, world, init_file, out_dir):
     """One gloo rank: shuffle its rows across ranks, apply a per-row 'key encoder', unshuffle."""
     torch.set_num_threads(1)
@@ -136,7 +149,7 @@ def _shuffle_worker(rank, world, init_file, out_dir):
 
 def test_shuffled_bn_permutes_the_global_batch_and_restores_each_ranks_order(tmp_path):
     world = 2
-    mp.spawn(_shuffle_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    run_ranks(_shuffle_worker, world, str(tmp_path / "init"), str(tmp_path))
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     everything = torch.cat([g["x"] for g in got])
     assert torch.equal(got[0]["inverse"], got[1]["inverse"])                  # one permutation for all
