@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from train.methods import get
 from train.methods.detcon import detcon_loss, gather_targets, masks_to_grid, pool_in_masks, sample_mask_ids
 
 torch.set_num_threads(1)
@@ -268,3 +269,69 @@ def test_two_gloo_ranks_gather_targets_and_route_detcon_s_gradients(tmp_path):
         # each rank's rows get the gradient of *both* ranks' losses (the other rank's through the gather)
         assert torch.allclose(got["grad1"], z1.grad[mine], rtol=1e-9, atol=1e-12)
         assert torch.allclose(got["grad2"], z2.grad[mine], rtol=1e-9, atol=1e-12)
+
+
+# --- the method (tiny random-weight ResNet-18) ------------------------------------------
+def _detcon(variant):
+    return get("detcon").build({"model": {"backbone": "resnet18", "width": 8, "variant": variant,
+                                          "hidden_dim": 32, "dim": 16, "num_samples": 6}})
+
+
+def _views(seed=0, B=3, size=64):
+    g = torch.Generator().manual_seed(seed)
+    grid = (torch.arange(size)[:, None] // 32) * 2 + torch.arange(size)[None] // 32    # 2x2 blocks, ids 0..3
+    return {"view1": torch.randn(B, 3, size, size, generator=g), "view2": torch.randn(B, 3, size, size, generator=g),
+            "mask1": grid.expand(B, size, size).clone(), "mask2": (3 - grid).expand(B, size, size).clone()}
+
+
+def test_detcon_b_step_pools_the_same_ids_online_and_target():
+    torch.manual_seed(0)
+    model, batch = _detcon("b"), _views()
+    torch.manual_seed(5)
+    out = model(batch)
+    torch.manual_seed(5)                        # the forward's only random draw is the id sampling
+    with torch.no_grad():
+        maps = [model.backbone.features(batch[v])[-1] for v in ("view1", "view2")]
+        cells = [masks_to_grid(batch[m], (2, 2)) for m in ("mask1", "mask2")]
+        ids = [sample_mask_ids(c, 6) for c in cells]
+        pred = [model.predictor(model.projector(pool_in_masks(f, c, i).flatten(0, 1))).view(3, 6, -1)
+                for f, c, i in zip(maps, cells, ids)]
+        target = [model.target_projector(pool_in_masks(model.target_backbone.features(batch[v])[-1], c, i)
+                                         .flatten(0, 1)).view(3, 6, -1)
+                  for v, c, i in zip(("view1", "view2"), cells, ids)]
+    want = detcon_loss(pred[0], pred[1], target[0], target[1], ids[0], ids[1], ids[0], ids[1])
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert out["masks_per_image"] == 4
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.target_backbone.parameters())
+    assert model.predictor[0].weight.grad.abs().sum() > 0
+
+
+def test_detcon_b_target_follows_the_cosine_ema_and_lars_skips_1d():
+    model = _detcon("b")
+    with torch.no_grad():
+        model.backbone.conv1.weight.add_(1.0)
+    before, online = model.target_backbone.conv1.weight.clone(), model.backbone.conv1.weight.clone()
+    model.momentum_update(step=3, total_steps=10)
+    m = 1 - (1 - 0.996) * (math.cos(math.pi * 3 / 10) + 1) / 2
+    assert torch.allclose(model.target_backbone.conv1.weight, m * before + (1 - m) * online)
+    decay, no_decay = model.param_groups(1.5e-6)
+    assert model.optimizer == "lars" and decay["lars"] and not no_decay["lars"] and no_decay["weight_decay"] == 0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert model.projector[-1].bias is None                 # DetCon's last projector layer has no bias
+
+
+def test_detcon_s_shares_one_encoder_and_trains_through_both_views():
+    torch.manual_seed(0)
+    model = _detcon("s")
+    assert not hasattr(model, "target_backbone") and not hasattr(model, "predictor")
+    grads = []
+    for view in ("view1", "view2"):             # gradient reaches the input of each view
+        batch = _views(1)
+        batch[view].requires_grad_(True)
+        torch.manual_seed(2)
+        model(batch)["loss"].backward()
+        grads.append(batch[view].grad.abs().sum().item())
+    assert min(grads) > 0
+    with pytest.raises(ValueError, match="variant"):
+        _detcon("x")
