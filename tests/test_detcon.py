@@ -142,6 +142,14 @@ def test_detcon_s_gradients_flow_through_both_views():
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
 
 
+def test_half_precision_inputs_are_computed_in_float32():
+    pred1, pred2, t1, t2, ids1, ids2 = _torch(*_case(8))
+    full = detcon_loss(*(t.float() for t in (pred1, pred2, t1, t2)), ids1, ids2, ids1, ids2)
+    half = detcon_loss(*(t.bfloat16() for t in (pred1, pred2, t1, t2)), ids1, ids2, ids1, ids2)
+    assert half.dtype == torch.float32 and torch.isfinite(half)       # the -1e9 mask survives
+    assert half.item() == pytest.approx(full.item(), rel=0.05)
+
+
 def test_bad_inputs_raise_clear_errors():
     z = torch.randn(2, 3, 4)
     ids = torch.zeros(2, 3, dtype=torch.long)

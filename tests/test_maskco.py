@@ -54,6 +54,16 @@ def test_maskco_loss_matches_direct_computation(intra, ranks):
         assert n_logits == 1 + 16 * (B * ranks - 1) + (16 if intra else 0)
 
 
+def test_maskco_loss_in_half_precision_runs_in_float32():
+    g = torch.Generator().manual_seed(4)
+    q = F.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    keys = F.normalize(torch.randn(2, 17, 8, generator=g), dim=-1)
+    full, _ = maskco_loss(q, keys)
+    half, _ = maskco_loss(q.bfloat16(), keys.bfloat16())
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(full.item(), rel=0.05)
+
+
 def test_maskco_loss_rejects_misplaced_offset():
     with pytest.raises(ValueError, match="offset"):
         maskco_loss(torch.randn(2, 4), torch.randn(2, 17, 4), offset=1)

@@ -39,7 +39,9 @@ def maskco_loss(q: torch.Tensor, keys: torch.Tensor, *, offset: int = 0, tempera
     if not 0 <= offset <= Bg - B:
         raise ValueError(f"offset {offset} does not place {B} local images inside {Bg} key rows")
     with torch.autocast(q.device.type, enabled=False):
-        q, keys = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q, keys.to(q.dtype)
+        if q.dtype in (torch.float16, torch.bfloat16):
+            q = q.float()
+        keys = keys.to(q.dtype)
         own = torch.arange(B, device=q.device) + offset
         l_pos = (q * keys[own, 0]).sum(dim=1, keepdim=True)                   # [B,1]
         l_neg = torch.einsum("bd,cnd->bcn", q, keys[:, 1:])                    # [B,B',16]
