@@ -40,21 +40,34 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Prefetch:
-    """Pull batches on a background thread, `depth` ahead, so collation and decoding
-    overlap the step (torch and DALI release the GIL). Each batch comes with the
-    loader's state_dict() taken right after it, so a checkpoint records the position
-    of the batches actually trained on, not of those waiting in the queue."""
+    """Stream batches across epochs, pulled `depth` ahead on a background thread so
+    decoding and collation overlap the step (torch and DALI release the GIL), the next
+    epoch's pipeline start included. Items are (batch, loader state right after it,
+    epoch): a checkpoint then records the position of the batches actually trained
+    on, not of those waiting in the queue. `depth` 0 pulls inline."""
 
-    def __init__(self, loader, depth: int):
-        self.loader, self.depth = loader, depth
+    def __init__(self, loader, depth: int, first_epoch: int, reset_first: bool):
+        self.loader, self.first_epoch, self.reset_first = loader, first_epoch, reset_first
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stream = self._batches()
         self._thread = None
         if depth > 0:
             self._thread = threading.Thread(target=self._fill, name="prefetch", daemon=True)
             self._thread.start()
-        else:
-            self._iter = iter(loader)
+
+    def _batches(self):
+        epoch, reset = self.first_epoch, self.reset_first
+        while not self._stop.is_set():
+            if reset:  # else a resumed loader state already points inside this epoch
+                self.loader.set_epoch(epoch)
+            reset, n = True, 0
+            for batch in self.loader:
+                n += 1
+                yield batch, self.loader.state_dict(), epoch
+            if n == 0:
+                raise RuntimeError(f"the loader yielded no batch for epoch {epoch}")
+            epoch += 1
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -67,19 +80,15 @@ class Prefetch:
 
     def _fill(self) -> None:
         try:
-            for batch in self.loader:
-                if not self._put((batch, self.loader.state_dict())):
+            for item in self._stream:
+                if not self._put(item):
                     return
         except BaseException as e:  # re-raised in the training thread
             self._put(e)
-            return
-        self._put(None)
 
     def next(self):
-        """(batch, loader_state) or None at the end of the epoch."""
         if self._thread is None:
-            batch = next(self._iter, None)
-            return None if batch is None else (batch, self.loader.state_dict())
+            return next(self._stream)
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -250,39 +259,29 @@ def train(cfg: dict) -> dict:
         distributed.barrier()
 
     model.train()
-    fresh_epoch = state is None or step % steps_per_epoch == 0 or not resume_mid_epoch
+    batches = Prefetch(loader, int(get(cfg, "data.prefetch", 2)), first_epoch=step // steps_per_epoch,
+                       reset_first=state is None or step % steps_per_epoch == 0 or not resume_mid_epoch)
     try:
         while step < total:
-            epoch = step // steps_per_epoch
-            if fresh_epoch:
-                loader.set_epoch(epoch)
-            fresh_epoch = True
-            batches = Prefetch(loader, int(get(cfg, "data.prefetch", 2)))
-            while step < total:
-                t0 = time.perf_counter()
-                item = batches.next()
-                if item is None:  # len(loader) promised more: never loop on a short epoch
-                    raise RuntimeError(f"the loader ended epoch {epoch} after {step % steps_per_epoch} of "
-                                       f"{steps_per_epoch} batches (len(loader)); check the shards in "
-                                       f"{get(cfg, 'data.shards')} with `make verify`")
-                batch, loader_state = item
-                batch = to_device(batch, info.device, channels_last)
-                t_data = time.perf_counter() - t0
-                if get(cfg, "debug.nan_at_step") == step + 1:  # test hook: corrupt this batch's pixels
-                    batch = {k: v.new_full(v.shape, float("nan")) if v.is_floating_point() and v.ndim == 4
-                             else v for k, v in batch.items()}
-                lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-                loss, logs = train_step(model, method, optimizer, scheduler, scaler, batch, dtype, step, total)
-                step += 1
-                metrics.step(step, loss, lr, time.perf_counter() - t0, t_data, logs)
-                if step % every == 0 or step == total:
-                    save(loader_state)
-                maybe_fault(cfg, info, step)
-                if step % steps_per_epoch == 0:
-                    break
-            batches.close()
+            t0 = time.perf_counter()
+            batch, loader_state, epoch = batches.next()
+            if epoch != step // steps_per_epoch:  # len(loader) promised more: never drift
+                raise RuntimeError(f"the loader ended epoch {step // steps_per_epoch} after "
+                                   f"{step % steps_per_epoch} of {steps_per_epoch} batches (len(loader)); "
+                                   f"check the shards in {get(cfg, 'data.shards')} with `make verify`")
+            batch = to_device(batch, info.device, channels_last)
+            t_data = time.perf_counter() - t0
+            if get(cfg, "debug.nan_at_step") == step + 1:  # test hook: corrupt this batch's pixels
+                batch = {k: v.new_full(v.shape, float("nan")) if v.is_floating_point() and v.ndim == 4
+                         else v for k, v in batch.items()}
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
+            loss, logs = train_step(model, method, optimizer, scheduler, scaler, batch, dtype, step, total)
+            step += 1
+            metrics.step(step, loss, lr, time.perf_counter() - t0, t_data, logs)
+            if step % every == 0 or step == total:
+                save(loader_state)
+            maybe_fault(cfg, info, step)
     except NonFiniteLoss as e:
-        batches.close()
         last = checkpoint.checkpoint_dir(out) / checkpoint.LAST
         kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written yet"
         metrics.event("non_finite_loss", step=step + 1)
@@ -290,6 +289,8 @@ def train(cfg: dict) -> dict:
         raise SystemExit(f"[pretrain] stopped: {e} on rank {info.rank}; {kept}. Lower optim.base_lr, "
                          "raise optim.warmup_epochs, or use train.precision=fp32, then rerun "
                          "(it resumes from the checkpoint).") from None
+    finally:
+        batches.close()
 
     summary = metrics.summary()
     exported = None
@@ -317,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
-    train(cfg)
+    try:
+        train(cfg)
+    except (ConfigError, FileNotFoundError) as e:  # bad input: the message says what to fix
+        parser.exit(2, f"pretrain.py: error: {e}\n")
     return 0
 
 

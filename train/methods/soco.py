@@ -54,7 +54,8 @@ def pool_boxes(feats: list[torch.Tensor], boxes: torch.Tensor, levels: torch.Ten
         if sel.numel() == 0:
             continue
         rois = torch.cat([batch_idx[sel, None], flat[sel]], dim=1)
-        pieces.append(roi_align(fmap, rois.to(fmap.dtype), output_size,
+        # fp32 boxes and map: bf16 would round box corners by up to ~1 px at 224
+        pieces.append(roi_align(fmap.float(), rois, output_size,
                                 spatial_scale=fmap.shape[-1] / view_size,
                                 sampling_ratio=-1, aligned=True))
         order.append(sel)
