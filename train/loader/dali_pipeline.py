@@ -164,8 +164,10 @@ class Feeder:
                 cols[f"{mask_key}.end"].append(np.array([v.y0 + v.h, v.x0 + v.w], np.float32))
             plans.append(plan)
             view_boxes.append({k: G.to_view(b, plan.views[vn]) for k, (vn, b) in plan.boxes.items()})
-        self.pending.append((plans, view_boxes, samples))
-        return tuple(cols[name] for name in self.names)
+        out = tuple(cols[name] for name in self.names)
+        # no_copy: DALI reads these arrays in place, so they live until the batch is out
+        self.pending.append((plans, view_boxes, samples, out))
+        return out
 
 
 def build_pipeline(recipe: Recipe, feeder: Feeder, batch_size: int, num_threads: int,
@@ -185,7 +187,7 @@ def build_pipeline(recipe: Recipe, feeder: Feeder, batch_size: int, num_threads:
     @pipeline_def(enable_conditionals=True)
     def views_pipeline():
         ins = dict(zip(names, fn.external_source(source=feeder, num_outputs=len(names),
-                                                 batch=True, layout=layouts)))
+                                                 batch=True, layout=layouts, no_copy=True)))
         if not feeder.decode_here:
             image = fn.decoders.image(ins["jpeg"], device="mixed" if gpu else "cpu",
                                       output_type=types.RGB, adjust_orientation=False)
@@ -248,7 +250,7 @@ def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int,
     try:
         for _ in range(len(batches)):
             outputs = pipe.run()
-            plans, view_boxes, samples = feeder.pending.popleft()
+            plans, view_boxes, samples, _inputs = feeder.pending.popleft()
             batch = {}
             for name, out in zip(names, outputs):
                 t = to_torch(out)
