@@ -168,3 +168,20 @@ def test_export_bottleneck_keys(tmp_path):
     tv_keys = set(torch.load(tmp_path / "backbone_torchvision.pth", weights_only=True))
     full = torchvision.models.resnet50()
     assert tv_keys == set(full.state_dict()) - {"fc.weight", "fc.bias"}
+
+
+def test_sync_bn_only_on_cuda_and_precision_defaults():
+    from train.distributed import DistInfo, convert_sync_bn
+    from train.pretrain import autocast_dtype
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    has_sync = lambda m: any(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())  # noqa: E731
+    assert not has_sync(convert_sync_bn(net(), DistInfo(world_size=2, device=torch.device("cpu"))))
+    assert not has_sync(convert_sync_bn(net(), DistInfo(world_size=1, device=torch.device("cuda", 0))))
+    assert has_sync(convert_sync_bn(net(), DistInfo(world_size=2, device=torch.device("cuda", 0))))
+    assert autocast_dtype({}, torch.device("cpu")) is None
+    assert autocast_dtype({}, torch.device("cuda", 0)) is torch.bfloat16
+    assert autocast_dtype({"train": {"precision": "fp16"}}, torch.device("cuda", 0)) is torch.float16
+    with pytest.raises(ConfigError, match="train.precision"):
+        autocast_dtype({"train": {"precision": "half"}}, torch.device("cpu"))
