@@ -93,6 +93,16 @@ def test_method_trains_checkpoints_resumes_and_exports(name, sample_shards, tmp_
     assert not torch.equal(ema["conv1.weight"], exported["conv1.weight"])
 
 
+@pytest.mark.parametrize("name", ["mocov2", "detcon_b", "detcon_s", "maskco"])
+def test_method_trains_under_bf16_autocast(name, sample_shards, tmp_path):
+    """GPU runs default to bf16 autocast; the same dtype paths run here on CPU."""
+    torch.set_num_threads(1)
+    config, extra = RUNS[name]
+    losses = _losses(_run(config, tmp_path, sample_shards, 2, extra + ["train.precision=bf16",
+                                                                        "export.enabled=false"]))
+    assert sorted(losses) == [1, 2] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
 @pytest.mark.parametrize("config,optimiser,lr,weight_decay", [
     ("detcon_b_r50", "LARS", 3.2, 1.5e-6),          # methods.md 2.8: 0.2 x 4096/256
     ("detcon_s_r50", "LARS", 3.2, 1.5e-6),
