@@ -75,13 +75,14 @@ def decode_reduced(jpeg: bytes, factor: int, where: str) -> np.ndarray:
     """RGB HWC uint8 at 1/factor of the stored size (libjpeg's reduced IDCT, via OpenCV).
     Pixel j of the result covers stored pixels [factor*j, factor*(j+1)). EXIF orientation
     is ignored, as in the reference: shards store the pixels their boxes refer to."""
-    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-             8: cv2.IMREAD_REDUCED_COLOR_8}[factor] | cv2.IMREAD_IGNORE_ORIENTATION
-    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flags)
-    if bgr is None:
+    # the REDUCED_GRAYSCALE_k bits only set the scale; COLOR_RGB makes libjpeg emit RGB
+    flags = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+             8: cv2.IMREAD_REDUCED_GRAYSCALE_8}[factor] | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+    rgb = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flags)
+    if rgb is None:
         raise ShardReadError(f"{where}: the .jpg member does not decode; rebuild the shards "
                              "with make shards (preprocess validates every image)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def check_size(image: np.ndarray, raw, factor: int, where: str) -> np.ndarray:
@@ -225,12 +226,13 @@ def build_pipeline(recipe: Recipe, feeder: Feeder, batch_size: int, num_threads:
 
 def to_torch(tensor_list) -> torch.Tensor:
     """Copy a dense DALI batch into a torch tensor on the batch's device (DALI reuses its
-    buffers, so a copy is required)."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
+    buffers, so a copy is required; on CPU numpy's copy measured 5x faster than
+    feed_ndarray)."""
     t = tensor_list.as_tensor()
-    device = "cuda" if hasattr(t, "device_id") and type(t).__name__.endswith("GPU") else "cpu"
-    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+    if not type(t).__name__.endswith("GPU"):
+        return torch.from_numpy(np.array(t))
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+    out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device="cuda")
     feed_ndarray(t, out)
     return out
 
