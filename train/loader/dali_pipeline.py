@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import collate, geometry as G
-from .recipes import COLOUR, NumpyDraw, Recipe, blur_kernel, label_map
+from .recipes import COLOUR, NumpyDraw, Recipe, label_map
 from .source import ShardReadError, ShardSource
 
 VIEW_INPUTS = ("start", "end", "mirror", "twist", "sigma", "solarize")  # twist: b, c, s, hue deg
