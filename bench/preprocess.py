@@ -8,8 +8,9 @@ On ../shared/data/coco128 (the built-in sample when absent), in one process:
    ours run interleaved image by image, so load on a shared machine hits both alike.
 2. Recall after SoCo's filter (with its fallbacks) of ground-truth boxes with
    sqrt(wh/WH) >= 0.3 at IoU >= 0.5, for every variant above.
-3. The max_side default: the smallest value in the sweep whose recall is at least the
-   baseline's and whose speed is at least TARGET_SPEED x the baseline's (fastest that passes).
+3. The max_side default: the fastest value in the sweep whose recall is at least the
+   baseline's and within RECALL_TOLERANCE of the sweep's best, and whose speed is at least
+   TARGET_SPEED x the baseline's.
 4. Ray: the whole job (proposals + segments + masks) on 1 CPU and on 2 CPUs, interleaved,
    best of `--repeats`; speed-up, and busy workers (summed per-image time / wall time), which
    separates the pipeline's parallelism from other load slowing the cores down.
@@ -47,6 +48,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "preprocess.json"
 COCO128 = Path(os.environ.get("COCO128_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"))
 TARGET_SPEED, TARGET_SCALING = 3.5, 1.7
 SWEEP = (150, 200, 300, 400, 500)
+RECALL_TOLERANCE = 0.02  # about one ground-truth box in 50: below what 32 images can resolve
 
 
 def dataset(tmp: Path) -> tuple[str, str, str | None]:
@@ -111,9 +113,12 @@ def per_core(records) -> dict:
 
 
 def choose_max_side(results: dict) -> int | None:
+    """Fastest sweep value that meets both targets and whose recall is within
+    RECALL_TOLERANCE of the sweep's best (so a cheaper copy never costs real recall)."""
     base = results["baseline"]
+    best = max(results[f"ours_max_side_{m}"]["recall"] for m in SWEEP)
     passing = [m for m in SWEEP
-               if results[f"ours_max_side_{m}"]["recall"] >= base["recall"]
+               if results[f"ours_max_side_{m}"]["recall"] >= max(base["recall"], best - RECALL_TOLERANCE)
                and results[f"ours_max_side_{m}"]["images_per_s_per_core"] >= TARGET_SPEED * base["images_per_s_per_core"]]
     return min(passing) if passing else None
 
