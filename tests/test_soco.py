@@ -160,3 +160,19 @@ def test_unknown_model_key_is_rejected():
         get("soco").build({"model": dict(widht=8)})
     with pytest.raises(ValueError, match="unknown method"):
         get("nosuchmethod")
+
+
+@pytest.mark.parametrize("variant,recipe,options", [("star", "soco_star", {}), ("c4", "soco", {"scale2": (0.6, 1.0)})])
+def test_variants_consume_real_loader_batches(sample_shards, variant, recipe, options):
+    """The loader's recipe and the method agree on the batch contract (keys, pixel boxes)."""
+    from train.loader import build_loader
+    loader = build_loader(recipe, sample_shards, 2, backend="reference", num_workers=0, image_size=64, **options)
+    batch = next(iter(loader))
+    torch.manual_seed(0)
+    method = get("soco").build({"model": dict(variant=variant, **TINY)})
+    out = method(batch)
+    assert torch.isfinite(out["loss"]) and len([k for k in out if k.startswith("loss_")]) == len(method.pairs)
+    for _, boxes_a, _, _, boxes_b, _ in method.pairs:  # boxes lie inside their view
+        for key, view in ((boxes_a, "view1"), (boxes_b, "view" + boxes_b[-1])):
+            size = batch[view].shape[-1]
+            assert batch[key].min() >= 0 and batch[key].max() <= size, key
