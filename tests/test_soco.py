@@ -176,3 +176,17 @@ def test_variants_consume_real_loader_batches(sample_shards, variant, recipe, op
         for key, view in ((boxes_a, "view1"), (boxes_b, "view" + boxes_b[-1])):
             size = batch[view].shape[-1]
             assert batch[key].min() >= 0 and batch[key].max() <= size, key
+
+
+def test_valid_mask_excludes_boxes_like_padding_ids():
+    torch.manual_seed(0)
+    method = get("soco").build({"model": dict(**TINY)})
+    b = synthetic_batch()
+    padded = {k: v.clone() for k, v in b.items()}
+    padded["ids2"][:, 0] = -1
+    masked = {k: v.clone() for k, v in b.items()}
+    masked["valid2"] = torch.ones_like(b["ids2"], dtype=torch.bool)
+    masked["valid2"][:, 0] = False
+    method.eval()  # BN on running statistics: the two calls see identical features
+    assert method(padded)["loss_12"] == pytest.approx(method(masked)["loss_12"], rel=1e-6)
+    assert method(padded)["loss_12"] != pytest.approx(method(b)["loss_12"], rel=1e-6)

@@ -82,13 +82,13 @@ class SoCo(Method):
     def __init__(self, variant: str = "fpn", backbone: str = "resnet50", width: int = 64,
                  fpn_channels: int = 256, head_conv_channels: int = 256, head_fc_dim: int = 1024,
                  proj_hidden: int = 4096, proj_dim: int = 256, ema_base: float = 0.99,
-                 level_ranges=LEVEL_RANGES):
+                 level_ranges=LEVEL_RANGES, zero_init_residual: bool = True):
         super().__init__()
         if variant not in PAIRS:
             raise ValueError(f"unknown SoCo variant {variant!r}: use one of {sorted(PAIRS)} (model.variant)")
         self.variant, self.ema_base = variant, ema_base
         self.pairs = PAIRS[variant]
-        self.backbone = build_backbone(backbone, width=width)
+        self.backbone = build_backbone(backbone, width=width, zero_init_residual=zero_init_residual)
         self.register_buffer("level_ranges", torch.tensor(level_ranges, dtype=torch.float32),
                              persistent=False)
         if variant == "c4":
@@ -144,11 +144,15 @@ class SoCo(Method):
                 z = self._embed(self.target, target[view], boxes, size, level_scale)
             return p.reshape(z.shape), z
 
+        def ids(key):  # ids < 0 are padding; a `valid` mask, when given, must agree
+            valid = batch.get("valid" + key[3:])
+            return batch[key] if valid is None else torch.where(valid, batch[key], -1)
+
         logs, total = {}, 0.0
         for va, ba, ia, vb, bb, ib in self.pairs:
             p_a, z_a = embeds(va, ba)
             p_b, z_b = embeds(vb, bb)
-            pair = byol_box_loss(p_a, z_b, batch[ia], batch[ib]) + byol_box_loss(p_b, z_a, batch[ib], batch[ia])
+            pair = byol_box_loss(p_a, z_b, ids(ia), ids(ib)) + byol_box_loss(p_b, z_a, ids(ib), ids(ia))
             logs[f"loss_{va[-1]}{vb[-1]}"] = float(pair.detach())
             total = total + pair
         return dict(loss=total, **logs)
@@ -167,7 +171,7 @@ class SoCo(Method):
 def build(cfg: dict) -> SoCo:
     m = dict(cfg.get("model", {}))
     known = {"variant", "backbone", "width", "fpn_channels", "head_conv_channels", "head_fc_dim",
-             "proj_hidden", "proj_dim", "ema_base", "level_ranges"}
+             "proj_hidden", "proj_dim", "ema_base", "level_ranges", "zero_init_residual"}
     unknown = set(m) - known
     if unknown:
         raise ValueError(f"unknown SoCo model keys {sorted(unknown)}: allowed {sorted(known)}")
