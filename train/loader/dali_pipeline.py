@@ -29,8 +29,18 @@ from . import collate, geometry as G
 from .recipes import COLOUR, NumpyDraw, Recipe, label_map
 from .source import ShardReadError, ShardSource
 
-VIEW_INPUTS = ("start", "end", "mirror", "twist", "sigma", "solarize")  # twist: b, c, s, hue deg
 MASK_INPUTS = ("labels", "start", "end")  # windows in label-map pixels
+
+
+def view_inputs(recipe: Recipe, colour_scheme: str) -> tuple[str, ...]:
+    """A view's per-sample parameters that its graph uses (no colour when colour is off;
+    no blur sigma / solarize flag where their probability is 0)."""
+    p = COLOUR[colour_scheme]
+    names = ("start", "end", "mirror")
+    if recipe.cfg["colour"]:
+        names += ("twist",) + (("sigma",) if p["p_blur"] > 0 else ()) + \
+            (("solarize",) if p["p_solarize"] > 0 else ())
+    return names
 
 
 def input_names(recipe: Recipe, decode_here: bool) -> list[str]:
@@ -38,7 +48,7 @@ def input_names(recipe: Recipe, decode_here: bool) -> list[str]:
     names = [] if decode_here else ["jpeg"]
     for spec in recipe.views:
         names += ([f"{spec.name}.image"] if decode_here else []) + \
-            [f"{spec.name}.{k}" for k in VIEW_INPUTS]
+            [f"{spec.name}.{k}" for k in view_inputs(recipe, spec.colour)]
     for mask_key in recipe.mask_views:
         names += [f"{mask_key}.{k}" for k in MASK_INPUTS]
     return names
@@ -151,12 +161,12 @@ class Feeder:
                 else:
                     start = np.array([v.y0, v.x0], np.float32)
                     end = np.array([v.y0 + v.h, v.x0 + v.w], np.float32)
-                cols[f"{n}.start"].append(start)
-                cols[f"{n}.end"].append(end)
-                cols[f"{n}.mirror"].append(np.int32(v.flip))
-                cols[f"{n}.twist"].append(twist)
-                cols[f"{n}.sigma"].append(np.array(sigma, np.float32))
-                cols[f"{n}.solarize"].append(np.array(solarize))
+                values = {"start": start, "end": end, "mirror": np.int32(v.flip),
+                          "twist": twist,  # brightness, contrast, saturation, hue in degrees
+                          "sigma": np.array(sigma, np.float32), "solarize": np.array(solarize)}
+                for k, value in values.items():
+                    if f"{n}.{k}" in cols:
+                        cols[f"{n}.{k}"].append(value)
             labels = label_map(self.recipe, raw, where)
             for mask_key, view_name in self.recipe.mask_views.items():  # full-size maps
                 v = plan.views[view_name]
@@ -199,15 +209,20 @@ def build_pipeline(recipe: Recipe, feeder: Feeder, batch_size: int, num_threads:
             src = src.gpu() if gpu and feeder.decode_here else src
             x = fn.resize(src, size=[spec.size, spec.size], roi_start=ins[f"{n}.start"],
                           roi_end=ins[f"{n}.end"], interp_type=interp[spec.interp], antialias=True)
-            twist = ins[f"{n}.twist"]
-            # float out + clamp: half the cost of uint8 out, same values up to rounding
-            x = dmath.clamp(fn.color_twist(x, brightness=twist[0], contrast=twist[1],
-                                           saturation=twist[2], hue=twist[3], dtype=types.FLOAT),
-                            0.0, 255.0)
-            if ins[f"{n}.sigma"] > 0:  # window 2*ceil(3 sigma)+1 (DALI's default), not BYOL's 23
-                x = fn.gaussian_blur(x, sigma=ins[f"{n}.sigma"])
-            if ins[f"{n}.solarize"]:
-                x = x + (x >= 128.0) * (255.0 - 2.0 * x)
+            p = COLOUR[spec.colour]
+            if recipe.cfg["colour"]:  # ops with probability 0 or 1 skip the conditional's copies
+                twist, sigma = ins[f"{n}.twist"], ins[f"{n}.sigma"]
+                # float out + clamp: half the cost of uint8 out, same values up to rounding
+                x = dmath.clamp(fn.color_twist(x, brightness=twist[0], contrast=twist[1],
+                                               saturation=twist[2], hue=twist[3],
+                                               dtype=types.FLOAT), 0.0, 255.0)
+                # blur window 2*ceil(3 sigma)+1 (DALI's default), not BYOL's fixed 23
+                if p["p_blur"] >= 1:
+                    x = fn.gaussian_blur(x, sigma=sigma)
+                elif p["p_blur"] > 0 and sigma > 0:
+                    x = fn.gaussian_blur(x, sigma=sigma)
+                if p["p_solarize"] > 0 and ins[f"{n}.solarize"]:
+                    x = x + (x >= 128.0) * (255.0 - 2.0 * x)
             outs.append(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean,
                                                  std=std, mirror=ins[f"{n}.mirror"]))
         for mask_key, view_name in recipe.mask_views.items():
