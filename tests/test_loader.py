@@ -408,3 +408,20 @@ def test_grey_jpeg_gives_rgb_views_and_a_broken_jpeg_is_named(backend, tmp_path)
     loader = build_loader("mocov2", tmp_path, 2, backend=backend, num_workers=0)
     with pytest.raises(ShardReadError, match=r"b-000000\.tar sample broken.*does not decode"):
         next(iter(loader))
+
+
+@pytest.mark.parametrize("decode_here", [False, True])
+def test_gpu_graph_is_well_formed_without_a_gpu(decode_here, syn_shards):
+    """The GPU branches (mixed decode or fed pixels moved with .gpu(), GPU ops, label maps
+    on GPU) define a valid DALI graph; running it needs CUDA, which this machine lacks."""
+    from train.loader import dali_pipeline as D
+    from train.loader.recipes import Recipe
+    source = ShardSource(syn_shards)
+    for name in ("soco_star", "detcon"):
+        recipe = Recipe(name)
+        feeder = D.Feeder(recipe, source, Split(len(source), 2).batches(0), 0, 0, decode_here)
+        pipe = D.build_pipeline(recipe, feeder, 2, 1, device_id=0)
+        pipe._build_graph()  # the op graph in Python (no CUDA needed); fails on mis-wiring
+        if torch.cuda.is_available():  # where a GPU exists, run it too
+            pipe.build()
+            assert len(pipe.run()) == len(recipe.views) + len(recipe.mask_views)
