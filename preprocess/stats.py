@@ -36,7 +36,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Iterable, Iterator
 

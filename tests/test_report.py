@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -24,7 +25,7 @@ FAST = stats.StatsConfig(seed=1, pairs=2, size=64, batch_views=32)
 class Collect(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.ids, self.imgs, self.open = [], [], []
+        self.ids, self.imgs = [], []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -120,6 +121,11 @@ def test_report_two_datasets(audit_work):
 def test_report_without_distances_says_run_stats(sample_parts, tmp_path):
     src_work, name = sample_parts
     shutil.copytree(proposals_dir(name, src_work), proposals_dir("raw", tmp_path))
+    for part in proposals_dir("raw", tmp_path).glob("part-*.parquet"):  # as made without weights
+        t = pq.read_table(part)
+        for col in stats.STATS_COLUMNS:
+            t = t.set_column(t.column_names.index(col), col, pa.nulls(t.num_rows, t.schema.field(col).type))
+        pq.write_table(t, part)
     out = report.build_report(["raw"], "nostats", work=tmp_path, reps=100)
     page = (out / "index.html").read_text()
     assert "run `make stats`" in page

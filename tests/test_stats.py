@@ -5,7 +5,6 @@ statistic's code path is the same as with the real weights."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
