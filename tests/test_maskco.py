@@ -5,10 +5,14 @@ bound, the masked box on the same source pixels in both views, exactly that box 
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck
 
@@ -122,6 +126,50 @@ def test_maskco_step_query_path_has_mph_key_path_not(intra, blocks):
     if blocks:
         assert model.mph[0].conv1.weight.grad.abs().sum() > 0
     assert model.optimizer == "sgd"
+
+
+def _tiny_maskco(gather: bool):
+    torch.manual_seed(0)                                  # the same random weights on every rank
+    model = get("maskco").build({"model": {"backbone": "resnet18", "width": 8, "dim": 16, "gather": gather}})
+    return model.eval()                                   # BN from running stats: per-image, batch-independent
+
+
+def _maskco_rank(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        batch = _batch(B=2 * world)
+        mine = {k: v[2 * rank: 2 * rank + 2] for k, v in batch.items()}
+        with torch.no_grad():
+            loss = _tiny_maskco(gather=True)(mine)["loss"].item()
+        torch.save({"loss": loss}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_take_negatives_from_every_rank_with_gather(tmp_path):
+    """model.gather=true: each rank's queries meet the key boxes of all ranks' images."""
+    world = 2
+    ctx = mp.start_processes(_maskco_rank, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+                             join=False, start_method="fork")       # fork: no fresh torch import
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2 gloo ranks did not finish within 120 s")
+    model, batch = _tiny_maskco(gather=False), _batch(B=2 * world)
+    with torch.no_grad():                                 # all images in one process, then split by rank
+        fq = model.mph(model.backbone.features(batch["query"])[-1])
+        q = F.normalize(model.head(box_features(fq, batch["query_box"][:, None], 64, 7)[:, 0]), dim=1)
+        k = F.normalize(model.key_head(box_features(model.key_backbone.features(batch["key"])[-1],
+                                                    batch["key_boxes"], 64, 7)), dim=-1)
+    for rank in range(world):
+        want, _ = maskco_loss(q[2 * rank: 2 * rank + 2], k, offset=2 * rank)
+        local, _ = maskco_loss(q[2 * rank: 2 * rank + 2], k[2 * rank: 2 * rank + 2])
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["loss"]
+        assert got == pytest.approx(want.item(), rel=1e-5)
+        assert got != pytest.approx(local.item(), rel=1e-3)   # not just this rank's negatives
 
 
 # --- the loader's MaskCo box sampler (train/loader, issue 5) -----------------------------
