@@ -221,6 +221,7 @@ def test_proposals_job_runs_the_stage_when_weights_exist(sample_raw, tmp_path, m
     weights = tmp_path / stats.WEIGHTS_NAME
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    digest = stats.sha256_file(weights)
     monkeypatch.setenv("WEIGHTS", str(weights))
     work = tmp_path / "work"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -229,9 +230,11 @@ def test_proposals_job_runs_the_stage_when_weights_exist(sample_raw, tmp_path, m
                       limit=3, num_cpus=2, stats="on"))
         paths = sorted(proposals_dir_of(work).glob("part-*.parquet"))
         rows = [r for p in paths for r in pq.read_table(p).to_pylist()]
+        current = stats.run_stats("sample", stats.StatsConfig(), use_ray=False, work=work)
         again = stats.run_stats("sample", stats.StatsConfig(), force=True, work=work, batch_images=2)
     finally:
         ray.shutdown()
+        weights.unlink()  # 100 MB; pytest keeps its last temporary folders
     assert again["parts_written"] == len(paths) and again["with_stats"] == 3
     refreshed = [r for p in paths for r in pq.read_table(p).to_pylist()]
     assert [r["resnet_distance_mean"] for r in refreshed] == pytest.approx(
@@ -239,14 +242,13 @@ def test_proposals_job_runs_the_stage_when_weights_exist(sample_raw, tmp_path, m
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     assert all(0 <= r["resnet_distance_mean"] <= 4 and r["resnet_distance_pairs"] == 4 for r in rows)
     assert all(r["stats_meaningful"] is True for r in rows)
-    assert table_params(pq.read_schema(paths[0]))["stats"]["weights_sha256"] == stats.sha256_file(weights)
-    model = stats.ResNetDistance(weights, device="cpu")
+    assert table_params(pq.read_schema(paths[0]))["stats"]["weights_sha256"] == digest
+    model = stats.ResNetDistance(random_weights=True, device="cpu")  # the same seed-0 weights
     key = rows[0]["key"]
     record = {r.key: r for r in list_images("sample", sample_raw)}[key]
     d = dict(model.image_distances([(key, load_rgb(record.path))], stats.StatsConfig()))[key]
     assert rows[0]["resnet_distance_mean"] == pytest.approx(float(d.mean()), rel=1e-4)
-    summary = stats.run_stats("sample", stats.StatsConfig(), use_ray=False, work=work)
-    assert summary["parts_written"] == 0 and summary["parts_skipped"] == len(paths)
+    assert current["parts_written"] == 0 and current["parts_skipped"] == len(paths)
     with pytest.raises(ValueError, match="--stats on: .*does not exist"):
         monkeypatch.setenv("WEIGHTS", str(tmp_path / "gone.pth"))
         stats.job_stats_params(JobConfig(dataset="sample", root=str(sample_raw), stats="on"))
