@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck
 
+from tests.test_detcon import run_ranks
 from train.loader import build_loader, collate
 from train.loader import geometry as G
 from train.loader.recipes import NumpyDraw, Recipe
@@ -150,14 +149,7 @@ def _maskco_rank(rank, world, init_file, out_dir):
 def test_two_gloo_ranks_take_negatives_from_every_rank_with_gather(tmp_path):
     """model.gather=true: each rank's queries meet the key boxes of all ranks' images."""
     world = 2
-    ctx = mp.start_processes(_maskco_rank, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-                             join=False, start_method="fork")       # fork: no fresh torch import
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2 gloo ranks did not finish within 120 s")
+    run_ranks(_maskco_rank, world, str(tmp_path / "init"), str(tmp_path))
     model, batch = _tiny_maskco(gather=False), _batch(B=2 * world)
     with torch.no_grad():                                 # all images in one process, then split by rank
         fq = model.mph(model.backbone.features(batch["query"])[-1])

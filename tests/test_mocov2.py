@@ -5,14 +5,13 @@ from __future__ import annotations
 import collections
 import math
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.test_detcon import run_ranks
 from train.methods import get
 from train.methods.mocov2 import KeyQueue, infonce, shuffle_across_ranks, shuffle_bn_mode, unshuffle_across_ranks
 
@@ -117,18 +116,6 @@ def test_mocov2_momentum_update_is_constant_ema():
 def test_mocov2_rejects_unknown_options():
     with pytest.raises(ValueError, match="unknown mocov2 model keys"):
         get("mocov2").build({"model": {"queue": 5}})
-
-
-def run_ranks(worker, world: int, *args, timeout_s: float = 120) -> None:
-    """Run `worker(rank, world, *args)` in `world` forked processes (fast: no fresh torch
-    import) and fail instead of hanging if they do not finish in time."""
-    ctx = mp.start_processes(worker, args=(world, *args), nprocs=world, join=False, start_method="fork")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} gloo ranks did not finish within {timeout_s}s")
 
 
 def _shuffle_worker(rank, world, init_file, out_dir):
