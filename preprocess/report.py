@@ -469,7 +469,8 @@ def build_report(datasets: list[str], name: str, *, work=None, top: int = 6,
         r = summaries[ds]["resnet_distance"]
         flag = "" if r["meaningful"] else "  NOT MEANINGFUL"
         print(f"[report] {ds}: {summaries[ds]['ok']} ok, {summaries[ds]['failed']} failed, "
-              f"distance {_fmt(r['mean'])} CI {r['ci95']} n={r['n']}{flag}", file=sys.stderr)
+              f"distance {_fmt(r['mean'])} 95% CI [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}] "
+              f"n={r['n']}{flag}", file=sys.stderr)
     print(f"[report] wrote {out / 'index.html'} and summary.json", file=sys.stderr)
     return out
 

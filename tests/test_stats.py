@@ -5,6 +5,7 @@ statistic's code path is the same as with the real weights."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -198,6 +199,27 @@ def test_make_stats_fills_columns_and_keeps_the_rest(parts, model, capsys):
     assert stats.run_stats("mini", other, random_weights=True, use_ray=False)["parts_written"] == len(paths)
     row = pq.read_table(paths[0]).to_pylist()[0]
     assert row["resnet_distance_pairs"] == 1 and row["resnet_distance_std"] is None
+
+
+def test_unreadable_or_changed_image_gets_null_and_a_message(tmp_path, sample_raw, monkeypatch, capsys):
+    monkeypatch.setenv("WORK_DIR", str(tmp_path / "work"))
+    root = tmp_path / "raw"
+    shutil.copytree(sample_raw, root)
+    records = list_images("sample", root)[:3]
+    write_parts(tmp_path / "work", "gone", root, records, per_part=10)
+    (root / records[0].relpath).unlink()
+    small = load_rgb(records[1].path)[:40, :50]
+    from PIL import Image
+    Image.fromarray(small).save(root / records[1].relpath)
+    summary = stats.run_stats("gone", SMALL, random_weights=True, use_ray=False)
+    assert summary["with_stats"] == 1 and summary["without_stats"] == 3  # + the failed row
+    err = capsys.readouterr().err
+    assert f"{root / records[0].relpath}: cannot read" in err
+    assert f"{root / records[1].relpath}: is 50x40 now" in err
+    by_key = {r["key"]: r for r in pq.read_table(tmp_path / "work/gone/proposals/part-00000.parquet").to_pylist()}
+    assert by_key[records[0].key]["resnet_distance_mean"] is None
+    assert by_key[records[1].key]["resnet_distance_mean"] is None
+    assert by_key[records[2].key]["resnet_distance_mean"] is not None
 
 
 def test_make_stats_without_weights_fails_clearly(parts, tmp_path, monkeypatch, capsys):
