@@ -1,5 +1,5 @@
-"""Rank-0 training metrics: a progress line on stderr, <out>/metrics.jsonl and
-TensorBoard (<out>/tb). Other ranks construct it too and do nothing, so the
+"""Rank-0 training metrics: a progress line on stderr (also appended to
+<out>/train.log), <out>/metrics.jsonl and TensorBoard (<out>/tb). Other ranks construct it too and do nothing, so the
 trainer needs no `if rank == 0` around logging.
 
 On resume, JSONL records past the resumed step (written by the attempt that died
@@ -33,6 +33,7 @@ class Metrics:
         self.out.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
         self._file = open(self.path, "a", encoding="utf-8")
+        self._log = open(self.out / "train.log", "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1 if start_step else None)
@@ -49,6 +50,13 @@ class Metrics:
             if rec.get("step", 0) <= step:
                 keep.append(line)
         atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def say(self, line: str) -> None:
+        """A human-readable line: stderr and train.log (rank 0 only)."""
+        if self.enabled:
+            print(line, file=self.progress.stream, flush=True)
+            self._log.write(line + "\n")
+            self._log.flush()
 
     def event(self, name: str, **fields) -> None:
         if self.enabled:
@@ -81,8 +89,8 @@ class Metrics:
             ips = self.images_per_step * w["steps"] / w["time"] if w["time"] else 0.0
             wait = 100.0 * w["wait"] / w["time"] if w["time"] else 0.0
             eta = format_duration((p.total - p.done) / p.rate) if p.rate > 0 else "?"
-            print(f"[pretrain] step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} "
-                  f"{ips:.1f} img/s data-wait {wait:.1f}% ETA {eta}", file=p.stream, flush=True)
+            self.say(f"[pretrain] step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.3g} "
+                     f"{ips:.1f} img/s data-wait {wait:.1f}% ETA {eta}")
             self._window = dict(steps=0, time=0.0, wait=0.0)
 
     def summary(self) -> dict:
@@ -94,5 +102,6 @@ class Metrics:
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+            self._log.close()
             if self.tb is not None:
                 self.tb.close()

@@ -241,9 +241,9 @@ def train(cfg: dict) -> dict:
                       tensorboard=bool(get(cfg, "train.tensorboard", True)))
     if info.is_main:
         what = f"resumed from step {step}" if state is not None else "fresh start"
-        print(f"[pretrain] {get(cfg, 'method')} ({recipe}), {info.world_size} process(es) on "
-              f"{info.device.type}, global batch {global_batch}, {steps_per_epoch} steps/epoch, "
-              f"{total} steps, {what}; writing {out}", file=sys.stderr, flush=True)
+        metrics.say(f"[pretrain] {get(cfg, 'method')} ({recipe}), {info.world_size} process(es) on "
+                    f"{info.device.type}, global batch {global_batch}, {steps_per_epoch} steps/epoch, "
+                    f"{total} steps, {what}; writing {out}")
         metrics.event("start", step=step, world_size=info.world_size,
                       restart_count=info.restart_count, resumed=state is not None)
 
@@ -284,11 +284,12 @@ def train(cfg: dict) -> dict:
     except NonFiniteLoss as e:
         last = checkpoint.checkpoint_dir(out) / checkpoint.LAST
         kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written yet"
+        message = (f"[pretrain] stopped: {e} on rank {info.rank}; {kept}. Lower optim.base_lr, raise "
+                   "optim.warmup_epochs, or use train.precision=fp32, then rerun (it resumes from the checkpoint).")
         metrics.event("non_finite_loss", step=step + 1)
+        metrics.say(message)  # rank 0: stderr and train.log
         metrics.close()
-        raise SystemExit(f"[pretrain] stopped: {e} on rank {info.rank}; {kept}. Lower optim.base_lr, "
-                         "raise optim.warmup_epochs, or use train.precision=fp32, then rerun "
-                         "(it resumes from the checkpoint).") from None
+        raise SystemExit(1 if info.is_main else message) from None
     finally:
         batches.close()
 
@@ -299,11 +300,11 @@ def train(cfg: dict) -> dict:
         exported = export_method(method, out / "exported", target=bool(get(cfg, "export.target", False)))
     if info.is_main:
         metrics.event("end", step=step, **summary)
-        print(f"[pretrain] done: step {step}/{total}, {summary['steps']} steps this run in "
-              f"{format_duration(summary['seconds'])}, {summary['images_per_s']:.1f} img/s, data-wait "
-              f"{100 * summary['data_wait_share']:.1f}%; checkpoint {checkpoint.checkpoint_dir(out) / checkpoint.LAST}"
-              + (f"; exported {', '.join(str(p) for p in exported.values())}" if exported else ""),
-              file=sys.stderr, flush=True)
+        metrics.say(f"[pretrain] done: step {step}/{total}, {summary['steps']} steps this run in "
+                    f"{format_duration(summary['seconds'])}, {summary['images_per_s']:.1f} img/s, data-wait "
+                    f"{100 * summary['data_wait_share']:.1f}%; checkpoint "
+                    f"{checkpoint.checkpoint_dir(out) / checkpoint.LAST}"
+                    + (f"; exported {', '.join(str(p) for p in exported.values())}" if exported else ""))
     metrics.close()
     distributed.shutdown()
     return dict(step=step, total=total, **summary)
