@@ -192,8 +192,9 @@ class ResNetDistance:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.meaningful = not random_weights
         if random_weights:
-            torch.manual_seed(init_seed)
-            net = torchvision.models.resnet50(weights=None)
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
+                torch.manual_seed(init_seed)
+                net = torchvision.models.resnet50(weights=None)
         else:
             path = find_weights(weights)
             net = torchvision.models.resnet50(weights=None)
