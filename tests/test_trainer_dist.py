@@ -163,10 +163,16 @@ def test_torchrun_restart_after_killed_rank_continues_steps(sample_shards, tmp_p
     assert ckpt["step"] == 5 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 
-def test_two_nodes_on_localhost_with_c10d_rendezvous(sample_shards, tmp_path):
+def test_two_nodes_on_localhost_with_c10d_rendezvous_resume_one_process_run(sample_shards, tmp_path):
+    """Two torchrun "nodes" (one process each) meet through c10d and resume a run that one
+    plain process started: the world size changes from 1 to 2 mid-epoch (elastic resize)."""
     out, port = tmp_path / "nodes", free_port()
+    first = run([], out, sample_shards, "train.steps=4", "train.checkpoint_every=2", "debug.kill_at_step=2",
+                check=False)
+    assert first.returncode != 0 and torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
     cmd_tail = ["train/pretrain.py", "--config", CONFIG, f"train.out={out}", f"data.shards={sample_shards}",
-                "data.batch_size=4", "train.steps=2", "train.tensorboard=false", "export.enabled=false"]
+                "data.batch_size=4", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
+                "train.tensorboard=false", "export.enabled=false"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "twonodes",
@@ -175,6 +181,8 @@ def test_two_nodes_on_localhost_with_c10d_rendezvous(sample_shards, tmp_path):
     results = [n.communicate(timeout=400) for n in nodes]
     for n, (_, err) in zip(nodes, results):
         assert n.returncode == 0, err[-3000:]
+    assert "continuing epoch 0 at global batch 2" in "".join(err for _, err in results)
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["step"] == 2 and ckpt["world_size"] == 2
-    assert [r["world_size"] for r in records(out) if r.get("event") == "start"] == [2]
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    starts = [(r["world_size"], r["step"]) for r in records(out) if r.get("event") == "start"]
+    assert starts == [(1, 0), (2, 2)] and sorted(losses(out)) == [1, 2, 3, 4]

@@ -181,6 +181,20 @@ def maybe_fault(cfg: dict, info, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def resume_loader(loader, saved: dict) -> None:
+    """Put the loader at the saved (epoch, position). A state saved with another world
+    size (elastic restart) is refused by the loader as is; then the position, counted in
+    global batches, is carried over to this world size's state."""
+    try:
+        loader.load_state_dict(saved)
+    except ValueError as e:
+        adapted = {**loader.state_dict(), "epoch": saved["epoch"], "position": saved["position"]}
+        loader.load_state_dict(adapted)
+        print(f"[pretrain] warning: {str(e).split(';')[0]}; continuing epoch {saved['epoch']} at global batch "
+              f"{saved['position']} with this run's split, so the rest of this epoch's samples go "
+              "to ranks differently than in an uninterrupted run", file=sys.stderr, flush=True)
+
+
 def train(cfg: dict) -> dict:
     info = distributed.init(get(cfg, "train.device", "auto"))
     out = Path(get(cfg, "train.out", "work/pretrain"))
@@ -213,7 +227,7 @@ def train(cfg: dict) -> dict:
     dtype = autocast_dtype(cfg, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16)
 
-    step, state, resume_mid_epoch = 0, checkpoint.load_latest(out), True
+    step, state = 0, checkpoint.load_latest(out)
     if state is not None:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -224,12 +238,7 @@ def train(cfg: dict) -> dict:
         if len(rngs) == info.world_size:
             checkpoint.set_rng_state(rngs[info.rank])
         if step % steps_per_epoch and state.get("loader") is not None:
-            try:
-                loader.load_state_dict(state["loader"])
-            except ValueError as e:  # e.g. restarted with another world size (elastic)
-                print(f"[pretrain] warning: cannot resume the loader mid-epoch ({e}); epoch "
-                      f"{step // steps_per_epoch} restarts from its first batch", file=sys.stderr, flush=True)
-                resume_mid_epoch = False
+            resume_loader(loader, state["loader"])
     model = method
     if info.distributed:
         model = DDP(method, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
@@ -260,7 +269,7 @@ def train(cfg: dict) -> dict:
 
     model.train()
     batches = Prefetch(loader, int(get(cfg, "data.prefetch", 2)), first_epoch=step // steps_per_epoch,
-                       reset_first=state is None or step % steps_per_epoch == 0 or not resume_mid_epoch)
+                       reset_first=state is None or step % steps_per_epoch == 0)
     try:
         while step < total:
             t0 = time.perf_counter()
