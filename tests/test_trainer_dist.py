@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "train/configs/soco_small_cpu.yaml"
