@@ -107,7 +107,7 @@ def process_image(item: dict, params: dict) -> dict:
         rgb = decoded.rgb
         boxes, rule, _ = propose(rgb, ProposalParams(**params["proposals"]))
         labels = fh_segments(rgb, SegmentParams(**params["segments"]))
-        masks, scores = mcg_masks(rgb, MaskParams(**{**params["masks"], "scales": tuple(params["masks"]["scales"])}))
+        masks, scores = mcg_masks(rgb, MaskParams.from_dict(params["masks"]))
         row.update(width=rgb.shape[1], height=rgb.shape[0], boxes=boxes.tolist(), num_boxes=len(boxes),
                    filter_rule=rule, fh_png=encode_label_png(labels), num_segments=int(labels.max()) + 1,
                    mcg_png=encode_bitfield_png(masks), num_masks=len(masks), mask_scores=scores.tolist())
@@ -326,14 +326,14 @@ def main(argv=None) -> int:
     p.add_argument("--split", default=os.environ.get("SPLIT") or None, help="coco: train2017 (default), ...")
     p.add_argument("--name", help="output name under WORK_DIR (default: the dataset kind)")
     p.add_argument("--work-dir", help="default: WORK_DIR or ./work")
-    p.add_argument("--part-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--part-size", type=int, default=64, help="images per Parquet part (the resume unit)")
+    p.add_argument("--batch-size", type=int, help="images per Ray task (default: sized to the job)")
     p.add_argument("--num-cpus", type=int, help="local Ray CPUs (default: all)")
     p.add_argument("--limit", type=int, help="only the first N images by key")
     p.add_argument("--mode", default="fast", choices=["fast", "quality", "single"], help="selective search")
     p.add_argument("--max-side", type=int, default=ProposalParams.max_side,
                    help="selective search on a copy with this longer side (0 = full resolution)")
-    p.add_argument("--max-boxes", type=int, default=ProposalParams.max_boxes)
+    p.add_argument("--max-boxes", type=int, default=ProposalParams.max_boxes, help="cap on kept proposals")
     p.add_argument("--stats", default="auto", choices=["auto", "on", "off"],
                    help="ResNet distance in the job (auto: on when ResNet-50 weights are found)")
     p.add_argument("--weights", default=os.environ.get("WEIGHTS") or None, help="ResNet-50 weights file")

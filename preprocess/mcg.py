@@ -56,6 +56,11 @@ class MaskParams:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "MaskParams":
+        """Inverse of as_dict after a JSON round trip (lists back to tuples)."""
+        return cls(**{**d, "scales": tuple(d["scales"])})
+
 
 def _adjacent_pairs(labels: np.ndarray) -> np.ndarray:
     h_pairs = np.stack([labels[:, :-1].ravel(), labels[:, 1:].ravel()], 1)
