@@ -111,7 +111,10 @@ def list_images(kind: str, root, split: str | None = None) -> list[ImageRecord]:
         ann = root / "annotations" / f"instances_{split}.json"
         return _records_from_coco(root, images_dir, ann if ann.is_file() else None)
     if kind == "imagenet":
-        base = root / split if split and (root / split).is_dir() else root
+        if split and not (root / split).is_dir():
+            raise DatasetError(f"imagenet split {split!r} not found: {root / split} is not a folder; "
+                               "unset SPLIT to use the class folders directly under the root")
+        base = root / split if split else root
         classes = sorted(p.name for p in base.iterdir() if p.is_dir())
         if not classes:
             raise DatasetError(f"{base}: no class folders; an imagenet-style root holds one "

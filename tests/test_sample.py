@@ -99,6 +99,8 @@ def test_folder_and_imagenet_listing(tmp_path):
     imagenet = list_images("imagenet", tmp_path / "tree")
     labels = {r.relpath: r.label for r in imagenet}
     assert labels["cat/a.jpg"] == labels["cat/b.png"] == 0 and labels["dog/a.jpg"] == labels["dog/x.TIFF"] == 1
+    with pytest.raises(DatasetError, match="unset SPLIT"):
+        list_images("imagenet", tmp_path / "tree", "train")
 
 
 def test_coco_listing_with_and_without_annotations(tmp_path, sample_raw):
