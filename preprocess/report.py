@@ -404,9 +404,11 @@ def render(name: str, datasets: list[DatasetData], summaries: dict, top: int) ->
             rows.append([html.escape(d.name), label, c["n"]] + [_fmt(c.get(q), 1) for q in
                                                                 ("mean", "min", "p5", "median", "p95", "max")])
     rule_names = sorted({r for d in datasets for r in summaries[d.name]["filter_rules"]})
-    rule_rows = [[html.escape(d.name)] + [f"{summaries[d.name]['filter_rules'].get(r, 0)} "
-                                          f"({100 * summaries[d.name]['filter_rules'].get(r, 0) / max(1, summaries[d.name]['ok']):.1f}%)"
-                                          for r in rule_names] for d in datasets]
+    rule_rows = []
+    for d in datasets:
+        used, ok = summaries[d.name]["filter_rules"], max(1, summaries[d.name]["ok"])
+        rule_rows.append([html.escape(d.name)] + [f"{used.get(r, 0)} ({100 * used.get(r, 0) / ok:.1f}%)"
+                                                  for r in rule_names])
     hist_series, count_series = [], []
     for i, d in enumerate(datasets):
         colour = COLOURS[i % len(COLOURS)]

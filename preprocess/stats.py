@@ -222,20 +222,27 @@ class ResNetDistance:
             y = torch.nn.functional.normalize(y, dim=1)
             return y.float().cpu().numpy()
 
-    def image_distances(self, images: Iterable[tuple[str, np.ndarray]], cfg: StatsConfig,
-                        prefetch: int = 2) -> Iterator[tuple[str, np.ndarray]]:
+    def image_distances(self, images: Iterable[tuple[str, object]], cfg: StatsConfig,
+                        prep_threads: int = 1) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (key, float32 [P] pair distances) per image, in input order.
 
-        Crops are rendered on a helper thread while the model runs, and views of several
-        images share one forward batch of about cfg.batch_views."""
+        `images` gives (key, rgb array) or (key, function returning the array or None to
+        skip). Loading and crops run on `prep_threads` helper threads while the model runs
+        (1 on CPU, where the model needs the cores; more for a GPU); views of several images
+        share one forward batch of about cfg.batch_views."""
         def prepare(item):
-            key, rgb = item
+            key, source = item
+            rgb = source() if callable(source) else source
+            if rgb is None:
+                return key, None
             boxes = crop_pairs(key, rgb.shape[1], rgb.shape[0], cfg)
             return key, render_views(rgb, boxes, cfg.size)
 
         pending_keys, pending_views = [], []
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            for key, views in _bounded_map(pool, prepare, images, prefetch):
+        with concurrent.futures.ThreadPoolExecutor(prep_threads) as pool:
+            for key, views in _bounded_map(pool, prepare, images, 2 * prep_threads):
+                if views is None:
+                    continue
                 pending_keys.append(key)
                 pending_views.append(views)
                 if sum(len(v) for v in pending_views) >= cfg.batch_views:
@@ -274,7 +281,7 @@ def summarise(d: np.ndarray) -> tuple[float, float | None, int]:
 
 # ---------------------------------------------------------------- per-batch stage
 def add_stats(table: pa.Table, root: str | os.PathLike, model: ResNetDistance,
-              cfg: StatsConfig) -> pa.Table:
+              cfg: StatsConfig, prep_threads: int = 1) -> pa.Table:
     """Fill the four stats columns of a table of proposals rows (needs key, source_path,
     status, width, height). Failed rows, and rows whose image cannot be read again or
     changed size since the proposals were made, get nulls and a message on stderr."""
@@ -282,26 +289,24 @@ def add_stats(table: pa.Table, root: str | os.PathLike, model: ResNetDistance,
     root = Path(root)
     rows = table.select(["key", "source_path", "status", "width", "height"]).to_pylist()
 
-    def images():
-        for r in rows:
-            if r["status"] != "ok":
-                continue
-            path = root / r["source_path"]
-            try:
-                rgb = load_rgb(path)
-            except Exception as e:
-                print(f"stats: {path}: cannot read ({e}); its distance stays null. Restore the "
-                      "file or rerun `make proposals`.", file=sys.stderr, flush=True)
-                continue
-            if (rgb.shape[1], rgb.shape[0]) != (r["width"], r["height"]):
-                print(f"stats: {path}: is {rgb.shape[1]}x{rgb.shape[0]} now, "
-                      f"{r['width']}x{r['height']} when its proposals were made; its distance "
-                      "stays null. Rerun `make proposals` for this dataset.", file=sys.stderr,
-                      flush=True)
-                continue
-            yield r["key"], rgb
+    def load(r):  # on a helper thread
+        path = root / r["source_path"]
+        try:
+            rgb = load_rgb(path)
+        except Exception as e:
+            print(f"stats: {path}: cannot read ({e}); its distance stays null. Restore the "
+                  "file or rerun `make proposals`.", file=sys.stderr, flush=True)
+            return None
+        if (rgb.shape[1], rgb.shape[0]) != (r["width"], r["height"]):
+            print(f"stats: {path}: is {rgb.shape[1]}x{rgb.shape[0]} now, "
+                  f"{r['width']}x{r['height']} when its proposals were made; its distance "
+                  "stays null. Rerun `make proposals` for this dataset.", file=sys.stderr,
+                  flush=True)
+            return None
+        return rgb
 
-    found = {key: summarise(d) for key, d in model.image_distances(images(), cfg)}
+    images = ((r["key"], functools.partial(load, r)) for r in rows if r["status"] == "ok")
+    found = {key: summarise(d) for key, d in model.image_distances(images, cfg, prep_threads)}
     stats = [found.get(r["key"], (None, None, None)) for r in rows]
     values = {
         "resnet_distance_mean": pa.array([s[0] for s in stats], pa.float32()),
@@ -322,12 +327,12 @@ class StatsActor:
     """Ray Data actor: loads the model once, then fills the stats columns batch by batch."""
 
     def __init__(self, root: str, cfg: dict, weights: str | None, random_weights: bool,
-                 threads: int | None = None):
-        self.root, self.cfg = root, StatsConfig(**cfg)
+                 threads: int | None = None, prep_threads: int = 1):
+        self.root, self.cfg, self.prep_threads = root, StatsConfig(**cfg), prep_threads
         self.model = ResNetDistance(weights, random_weights, threads=threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return add_stats(batch, self.root, self.model, self.cfg)
+        return add_stats(batch, self.root, self.model, self.cfg, self.prep_threads)
 
 
 def stats_stage(ds, root: str | os.PathLike, cfg: StatsConfig, weights: str | None,
@@ -335,17 +340,20 @@ def stats_stage(ds, root: str | os.PathLike, cfg: StatsConfig, weights: str | No
                 batch_images: int = 8, actors: int | None = None):
     """Append the actor-pool stage to a ray.data.Dataset of proposals rows.
 
-    With GPUs in the cluster: one actor per GPU. Without: actors get `cpu_share` of the
-    cluster's CPUs in total (at most 8 threads each), never all of them: an actor pool that
-    takes every CPU starves the upstream read/map tasks and the job hangs silently
-    (pipeline.md section 3)."""
+    With GPUs in the cluster: one actor per GPU, with up to 4 CPUs (half the CPUs per GPU)
+    decoding and cropping so the GPU is not left waiting. Without: actors get `cpu_share`
+    of the cluster's CPUs in total (at most 8 threads each), never all of them: an actor
+    pool that takes every CPU starves the upstream read/map tasks and the job hangs
+    silently (pipeline.md section 3)."""
     import ray
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if gpus:
-        per_actor = {"num_gpus": 1, "num_cpus": 1}
+        prep = max(1, min(4, cpus // gpus // 2))
+        per_actor = {"num_gpus": 1, "num_cpus": prep}
         threads, size = None, actors or gpus
     else:
+        prep = 1
         budget = max(1, min(int(cpus * cpu_share), cpus - 1))
         threads = min(8, budget)
         size = actors or max(1, budget // threads)
@@ -355,7 +363,8 @@ def stats_stage(ds, root: str | os.PathLike, cfg: StatsConfig, weights: str | No
         compute=ray.data.ActorPoolStrategy(size=size),
         fn_constructor_kwargs={"root": str(root), "cfg": dataclasses.asdict(cfg),
                                "weights": None if weights is None else str(weights),
-                               "random_weights": random_weights, "threads": threads},
+                               "random_weights": random_weights, "threads": threads,
+                               "prep_threads": prep},
         **per_actor)
 
 

@@ -113,6 +113,11 @@ def test_deterministic_under_seed(model, images):
     key, rgb = images[0]
     assert not np.array_equal(stats.crop_pairs(key, 160, 160, SMALL),
                               stats.crop_pairs(key, 160, 160, other_seed))
+    # Helper threads for loading and cropping change nothing, order included.
+    threaded = list(model.image_distances(images, SMALL, prep_threads=3))
+    assert [k for k, _ in threaded] == [k for k, _ in images]
+    for key, d in threaded:
+        np.testing.assert_allclose(d, first[key], rtol=1e-5)
     # Crops of an image do not depend on which other images are in the batch.
     alone = dict(model.image_distances(images[2:3], SMALL))
     np.testing.assert_allclose(alone[images[2][0]], first[images[2][0]], rtol=1e-5)
