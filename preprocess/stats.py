@@ -336,7 +336,7 @@ class StatsActor:
 
 
 def stats_stage(ds, root: str | os.PathLike, cfg: StatsConfig, weights: str | None,
-                random_weights: bool = False, *, cpu_share: float = 0.5,
+                random_weights: bool = False, *, cpu_share: float = 0.5, reserve_cpus: int = 1,
                 batch_images: int = 8, actors: int | None = None):
     """Append the actor-pool stage to a ray.data.Dataset of proposals rows.
 
@@ -354,7 +354,7 @@ def stats_stage(ds, root: str | os.PathLike, cfg: StatsConfig, weights: str | No
         threads, size = None, actors or gpus
     else:
         prep = 1
-        budget = max(1, min(int(cpus * cpu_share), cpus - 1))
+        budget = max(1, min(int(cpus * cpu_share), cpus - reserve_cpus))
         threads = min(8, budget)
         size = actors or max(1, budget // threads)
         per_actor = {"num_cpus": threads}
@@ -515,7 +515,9 @@ def _stats_batches(narrow, root, cfg, weights_path, random_weights, use_ray, bat
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False  # our Progress line instead
         ds = ray.data.from_arrow(narrow)
-        ds = stats_stage(ds, root, cfg, weights_path, random_weights, cpu_share=1.0,
+        # Input blocks are already in memory (from_arrow): no read tasks to starve, so the
+        # actors may take every CPU.
+        ds = stats_stage(ds, root, cfg, weights_path, random_weights, cpu_share=1.0, reserve_cpus=0,
                          batch_images=batch_images)
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     finally:
