@@ -96,3 +96,22 @@ def get(name: str) -> ModuleType:
         if not hasattr(module, attr):
             raise TypeError(f"train/methods/{name}.py must define {attr} (see train/methods/__init__.py)")
     return module
+
+
+def build_on_backbone(cls: type, cfg: dict, name: str, defaults: dict,
+                      zero_init_residual: bool) -> Method:
+    """`cls(backbone, **options)` from the config's `model:` keys over `defaults`.
+
+    The backbone keys (backbone, width, zero_init_residual) are shared by every method built
+    on one ResNet; any other unknown key is refused by name, so a typo never trains silently
+    with a default."""
+    from train.models.backbone import build_backbone
+    backbone_keys = dict(backbone="resnet50", width=64, zero_init_residual=zero_init_residual)
+    opts = {**backbone_keys, **defaults, **(cfg.get("model") or {})}
+    unknown = set(opts) - set(defaults) - set(backbone_keys)
+    if unknown:
+        raise ValueError(f"unknown {name} model keys {sorted(unknown)}: allowed "
+                         f"{sorted(set(defaults) | set(backbone_keys))}")
+    backbone = build_backbone(opts.pop("backbone"), width=opts.pop("width"),
+                              zero_init_residual=opts.pop("zero_init_residual"))
+    return cls(backbone, **opts)

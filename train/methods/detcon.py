@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.distributed import all_gather_with_grad
-from train.methods import Method, cosine_momentum, ema_update, make_target
-from train.models.backbone import build_backbone
+from train.methods import Method, build_on_backbone, cosine_momentum, ema_update, make_target
 from train.models.heads import MLP
 
 INFINITY = 1e9  # what the official loss subtracts from the trivial same-view logits
@@ -219,16 +218,7 @@ def _count_masks(cells: torch.Tensor) -> float:
     return float((flat[:, 1:] != flat[:, :-1]).sum(dim=1).add(1).float().mean())
 
 
-BACKBONE_KEYS = dict(backbone="resnet50", width=64, zero_init_residual=True)
-
 
 def build(cfg: dict) -> DetCon:
-    """Options live under `model:` (as for SoCo): DEFAULTS plus BACKBONE_KEYS."""
-    opts = {**BACKBONE_KEYS, **DEFAULTS, **(cfg.get("model") or {})}
-    unknown = set(opts) - set(DEFAULTS) - set(BACKBONE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown detcon model keys {sorted(unknown)}: allowed "
-                         f"{sorted(set(DEFAULTS) | set(BACKBONE_KEYS))}")
-    backbone = build_backbone(opts.pop("backbone"), width=opts.pop("width"),
-                              zero_init_residual=opts.pop("zero_init_residual"))
-    return DetCon(backbone, **opts)
+    """Options live under `model:` (as for SoCo): DEFAULTS plus the backbone keys."""
+    return build_on_backbone(DetCon, cfg, "detcon", DEFAULTS, zero_init_residual=True)

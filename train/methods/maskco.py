@@ -17,8 +17,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import roi_align
 
 from train.distributed import all_gather_with_grad
-from train.methods import Method, ema_update, make_target
-from train.models.backbone import build_backbone
+from train.methods import Method, build_on_backbone, ema_update, make_target
 from train.models.heads import MLP
 
 RECIPE = "maskco"
@@ -122,16 +121,7 @@ class MaskCo(Method):
         return dict(loss=loss, acc=acc.item())
 
 
-BACKBONE_KEYS = dict(backbone="resnet50", width=64, zero_init_residual=False)
-
 
 def build(cfg: dict) -> MaskCo:
-    """Options live under `model:` (as for SoCo): DEFAULTS plus BACKBONE_KEYS."""
-    opts = {**BACKBONE_KEYS, **DEFAULTS, **(cfg.get("model") or {})}
-    unknown = set(opts) - set(DEFAULTS) - set(BACKBONE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown maskco model keys {sorted(unknown)}: allowed "
-                         f"{sorted(set(DEFAULTS) | set(BACKBONE_KEYS))}")
-    backbone = build_backbone(opts.pop("backbone"), width=opts.pop("width"),
-                              zero_init_residual=opts.pop("zero_init_residual"))
-    return MaskCo(backbone, **opts)
+    """Options live under `model:` (as for SoCo): DEFAULTS plus the backbone keys."""
+    return build_on_backbone(MaskCo, cfg, "maskco", DEFAULTS, zero_init_residual=False)

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.distributed import all_gather_with_grad
-from train.methods import Method, ema_update, make_target
-from train.models.backbone import build_backbone
+from train.methods import Method, build_on_backbone, ema_update, make_target
 from train.models.heads import MLP
 
 RECIPE = "mocov2"
@@ -150,16 +149,7 @@ class MoCoV2(Method):
         return dict(loss=loss, acc=acc.item())
 
 
-BACKBONE_KEYS = dict(backbone="resnet50", width=64, zero_init_residual=False)
-
 
 def build(cfg: dict) -> MoCoV2:
-    """Options live under `model:` (as for SoCo): DEFAULTS plus BACKBONE_KEYS."""
-    opts = {**BACKBONE_KEYS, **DEFAULTS, **(cfg.get("model") or {})}
-    unknown = set(opts) - set(DEFAULTS) - set(BACKBONE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown mocov2 model keys {sorted(unknown)}: allowed "
-                         f"{sorted(set(DEFAULTS) | set(BACKBONE_KEYS))}")
-    backbone = build_backbone(opts.pop("backbone"), width=opts.pop("width"),
-                              zero_init_residual=opts.pop("zero_init_residual"))
-    return MoCoV2(backbone, **opts)
+    """Options live under `model:` (as for SoCo): DEFAULTS plus the backbone keys."""
+    return build_on_backbone(MoCoV2, cfg, "mocov2", DEFAULTS, zero_init_residual=False)
