@@ -35,6 +35,7 @@ demo: setup
 	$(MAKE) shards DATASET=sample
 	$(MAKE) verify DATASET=sample
 	$(MAKE) pretrain DATASET=sample
+	$(MAKE) report DATASETS=sample NAME=demo
 
 # SAMPLE_ARGS e.g. "--scene 200 --object 50 --seed 1"
 sample: setup
