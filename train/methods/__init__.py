@@ -57,6 +57,25 @@ class Method(nn.Module):
         return {"backbone": self.backbone}
 
 
+class MomentumEncoderMethod(Method):
+    """A query encoder with a momentum key encoder (MoCo v2, MaskCo): plain SGD decaying every
+    trainable parameter (biases and BN included, as MoCo and OpenSelfSup do), a constant
+    momentum update of the key backbone and head, and export of either backbone.
+    Subclasses set backbone, head, key_backbone, key_head and momentum."""
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return [dict(params=[p for p in self.parameters() if p.requires_grad],
+                     weight_decay=weight_decay, lars=False)]
+
+    def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
+        """`target`: the momentum key encoder's backbone instead of the query one."""
+        return {"backbone": self.key_backbone if target else self.backbone}
+
+    def momentum_update(self, step: int, total_steps: int) -> None:
+        ema_update(self.backbone, self.key_backbone, self.momentum)               # constant m
+        ema_update(self.head, self.key_head, self.momentum)
+
+
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:
     """BYOL/SoCo target momentum: tau_k = 1 - (1 - base) * (cos(pi k / K) + 1) / 2,
     rising from `base` at k=0 to 1 at k=K (methods.md 1.7)."""

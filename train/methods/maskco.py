@@ -17,7 +17,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import roi_align
 
 from train.distributed import all_gather_with_grad
-from train.methods import Method, build_on_backbone, ema_update, make_target
+from train.methods import MomentumEncoderMethod, build_on_backbone, make_target
 from train.models.heads import MLP
 
 RECIPE = "maskco"
@@ -78,7 +78,7 @@ DEFAULTS = dict(intra=False, mph_blocks=3, dim=128, hidden_dim=None, roi_size=7,
                 momentum=0.999, temperature=0.2, gather=False)
 
 
-class MaskCo(Method):
+class MaskCo(MomentumEncoderMethod):
     optimizer = "sgd"
 
     def __init__(self, backbone: nn.Module, intra: bool, mph_blocks: int, dim: int, hidden_dim: int | None,
@@ -92,18 +92,6 @@ class MaskCo(Method):
         self.intra, self.roi_size, self.momentum = intra, roi_size, momentum
         self.temperature, self.gather = temperature, gather
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """As MoCo v2 (OpenSelfSup): plain SGD decaying every trainable parameter."""
-        return [dict(params=[p for p in self.parameters() if p.requires_grad],
-                     weight_decay=weight_decay, lars=False)]
-
-    def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
-        """`target`: the momentum key encoder's backbone instead of the query one."""
-        return {"backbone": self.key_backbone if target else self.backbone}
-
-    def momentum_update(self, step: int, total_steps: int) -> None:
-        ema_update(self.backbone, self.key_backbone, self.momentum)
-        ema_update(self.head, self.key_head, self.momentum)
 
     def forward(self, batch: dict) -> dict:
         query, key = batch["query"], batch["key"]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.distributed import all_gather_with_grad
-from train.methods import Method, build_on_backbone, ema_update, make_target
+from train.methods import MomentumEncoderMethod, build_on_backbone, make_target
 from train.models.heads import MLP
 
 RECIPE = "mocov2"
@@ -99,7 +99,7 @@ def shuffle_bn_mode(setting: str | bool, device: torch.device) -> bool:
 DEFAULTS = dict(dim=128, hidden_dim=None, queue_size=65536, momentum=0.999, temperature=0.2, shuffle_bn="auto")
 
 
-class MoCoV2(Method):
+class MoCoV2(MomentumEncoderMethod):
     optimizer = "sgd"
     sync_bn = False   # per-rank BN with shuffled keys, as MoCo; SyncBN would make the shuffle moot
 
@@ -114,18 +114,6 @@ class MoCoV2(Method):
         self.momentum, self.temperature, self.shuffle_bn = momentum, temperature, shuffle_bn
         self._said_shuffle = False
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """MoCo decays every trainable parameter (biases and BN included), plain SGD."""
-        return [dict(params=[p for p in self.parameters() if p.requires_grad],
-                     weight_decay=weight_decay, lars=False)]
-
-    def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
-        """`target`: the momentum key encoder's backbone instead of the query one."""
-        return {"backbone": self.key_backbone if target else self.backbone}
-
-    def momentum_update(self, step: int, total_steps: int) -> None:
-        ema_update(self.backbone, self.key_backbone, self.momentum)               # constant m
-        ema_update(self.head, self.key_head, self.momentum)
 
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
         shuffle = shuffle_bn_mode(self.shuffle_bn, images.device)
