@@ -184,7 +184,7 @@ def ray_job(kind: str, root: str, split, n: int, cpus: int, work: Path, measure_
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=32, help="images for the per-core comparison")
-    p.add_argument("--ray-images", type=int, default=32, help="images for the 1 vs 2 CPU job runs")
+    p.add_argument("--ray-images", type=int, default=64, help="images for the 1 vs 2 CPU job runs (fewer: fixed start-up weighs more)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved 1- and 2-CPU job runs")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
