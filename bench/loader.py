@@ -1,6 +1,6 @@
 """`make bench-loader`: loader throughput per CPU core for every recipe, DALI vs reference.
 
-Builds photo-like 640x480 shards with the real shard writer (bench.shards.build_dataset
+Builds photo-like 640x480 shards with the real shard writer (bench.shards.photo_shards
 + shards.write: 50 boxes, 16-bit FH and MCG-style maps per image), then measures, in one
 process and interleaved over rounds so machine load hits all alike:
 - `bound`: DALI reader + ROI decode-and-random-crop + resize 224 + mirror/normalise,
@@ -101,17 +101,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from bench.shards import build_dataset
-    from shards.write import PackParams, write_shards
+    from bench.shards import photo_shards
     from train.loader import build_loader
 
     recipes = a.recipes.split(",")
     with tempfile.TemporaryDirectory(prefix="bench_loader_", dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
-        print(f"[bench-loader] building {a.samples} photo-like 640x480 samples in {tmp}", flush=True)
-        shards = tmp / "shards"
-        write_shards("bench", PackParams(max_samples=128), proposals=build_dataset(tmp / "raw", a.samples, 64),
-                     out=shards)
+        shards = photo_shards(tmp, a.samples, 64, per_shard=128, tag="bench-loader")
 
         def loader_run(recipe, backend, batches, **kw):
             def make():

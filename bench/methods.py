@@ -1,7 +1,7 @@
 """`make bench-methods`: training-step time of every method's small CPU config, as ratios
 to MoCo v2 measured in the same process.
 
-Builds photo-like 640x480 shards with the real shard writer (bench.shards.build_dataset),
+Builds photo-like 640x480 shards with the real shard writer (bench.shards.photo_shards),
 draws a few real batches per method with the loader (reference backend, drawn once and
 reused, so data loading is not in the figure), then times the trainer's own
 `train_step` (forward, backward, optimiser, scheduler, target/EMA update) round-robin
@@ -99,16 +99,12 @@ def main(argv=None) -> int:
     if unknown or BASELINE not in names:
         ap.error(f"--methods must include {BASELINE} and only names from {', '.join(METHODS)}; got {a.methods}")
     torch.set_num_threads(1)
-    from bench.shards import build_dataset
-    from shards.write import PackParams, write_shards
+    from bench.shards import photo_shards
 
     total = a.warmup + a.steps * a.rounds
     with tempfile.TemporaryDirectory(prefix="bench_methods_", dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
-        print(f"[bench-methods] building {a.samples} photo-like 640x480 samples in {tmp}", flush=True)
-        shards = tmp / "shards"
-        write_shards("bench", PackParams(max_samples=64), proposals=build_dataset(tmp / "raw", a.samples, 16),
-                     out=shards)
+        shards = photo_shards(tmp, a.samples, 16, per_shard=64, tag="bench-methods")
         setups = {}
         for name in names:
             setups[name] = Setup(name, shards, a.batch, a.image_size, n_batches=3, total=total)

@@ -77,6 +77,15 @@ def build_dataset(root: Path, n: int, distinct: int, seed: int = 0) -> Path:
     return pdir
 
 
+def photo_shards(tmp: Path, samples: int, distinct: int, per_shard: int, tag: str) -> Path:
+    """Shards of `samples` photo-like 640x480 samples under `tmp`, for the loader, trainer and
+    methods benchmarks (built with the real shard writer); returns the shards folder."""
+    print(f"[{tag}] building {samples} photo-like 640x480 samples in {tmp}", flush=True)
+    shards = tmp / "shards"
+    write_shards("bench", PackParams(max_samples=per_shard),
+                 proposals=build_dataset(tmp / "raw", samples, distinct), out=shards)
+    return shards
+
 def evict(paths) -> None:
     """Drop the files from the page cache so the next read comes from disk."""
     for p in paths:

@@ -1,6 +1,6 @@
 """`make bench-train`: the SoCo small CPU config through the real trainer, on CPU.
 
-Builds photo-like 640x480 shards with the real shard writer (bench.shards.build_dataset),
+Builds photo-like 640x480 shards with the real shard writer (bench.shards.photo_shards),
 then, in one process, for --rounds rounds (round-robin, so machine load hits all alike):
   1. compute only: the training step on one cached real batch, timed per phase
      (forward, backward, optimiser + EMA): the baseline, and the split;
@@ -97,16 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     # One torch thread: the other core is DALI's; with more, OpenMP threads spin against the
     # loader and against other processes, and the figures become noise.
     torch.set_num_threads(1)
-    from bench.shards import build_dataset
-    from shards.write import PackParams, write_shards
+    from bench.shards import photo_shards
     from train.config import load_config
     rounds = {"compute": [], "prefetch": [], "inline": []}
     with tempfile.TemporaryDirectory(prefix="bench_train_", dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
-        print(f"[bench-train] building {a.samples} photo-like 640x480 samples in {tmp}", flush=True)
-        shards = tmp / "shards"
-        write_shards("bench", PackParams(max_samples=32), proposals=build_dataset(tmp / "raw", a.samples, 16),
-                     out=shards)
+        shards = photo_shards(tmp, a.samples, 16, per_shard=32, tag="bench-train")
         common = [f"data.shards={shards}", f"data.batch_size={a.batch}", f"train.steps={a.steps + a.warmup}",
                   "train.checkpoint_every=100000", "export.enabled=false", "train.tensorboard=false",
                   f"train.log_every={a.steps + a.warmup}", "data.backend=dali", "data.num_workers=1"]
