@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="loader throughput per core, DALI vs reference")
     ap.add_argument("--samples", type=int, default=384)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--dali-batches", type=int, default=6)
+    ap.add_argument("--dali-batches", type=int, default=10)
     ap.add_argument("--reference-batches", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--recipes", default=",".join(RECIPES))

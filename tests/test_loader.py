@@ -355,6 +355,34 @@ def test_dali_colour_ops_change_pixels_as_drawn(syn_shards):
     assert len(grey) == 96 and 0.08 < np.mean(grey) < 0.35
 
 
+def test_separable_blur_equals_dali_gaussian_blur():
+    """Our blur (two fn.filter passes with the feeder's taps) gives fn.gaussian_blur's pixels
+    for every sigma BYOL draws, per sample in one batch, and sigma 0 leaves pixels alone."""
+    from nvidia.dali import fn, pipeline_def
+    from train.loader.dali_pipeline import gaussian_taps, separable_blur
+    rng = np.random.default_rng(0)
+    sigmas = [0.1, 0.35, 0.8, 1.0, 1.45, 2.0]
+    images = [rng.uniform(-20, 280, (40 + 7 * i, 57 - 3 * i, 3)).astype(np.float32)
+              for i in range(len(sigmas))]
+
+    @pipeline_def(batch_size=len(sigmas), num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        s = fn.external_source(source=lambda: [np.float32(v) for v in sigmas], batch=True)
+        taps = fn.external_source(source=lambda: [gaussian_taps(v) for v in sigmas], batch=True)
+        return fn.gaussian_blur(x, sigma=s), separable_blur(x, taps)
+
+    p = pipe()
+    p.build()
+    want, got = p.run()
+    for i, sigma in enumerate(sigmas):
+        assert len(gaussian_taps(sigma)) == 2 * int(np.ceil(3 * sigma)) + 1
+        np.testing.assert_allclose(np.array(got[i]), np.array(want[i]), atol=2e-3)
+        if sigma > 0.3:  # sigma 0.1 is the identity to float precision, in both
+            assert np.abs(np.array(got[i]) - images[i]).max() > 1
+    assert gaussian_taps(0.0).tolist() == [1.0]
+
+
 # ---------------------------------------------------------------- real shards
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_recipe_on_the_built_in_sample_shards(backend, sample_shards):

@@ -16,7 +16,12 @@ antialiased CPU resize costs in proportion to the input window, and measured as 
 largest single cost (bench/loader.py), so views that shrink 2x or more start smaller.
 Differences from torchvision (the reference): DALI applies the jitter's brightness,
 contrast, saturation and hue as one colour matrix in a fixed order, and contrast is
-taken around mid-grey rather than the image mean."""
+taken around mid-grey rather than the image mean.
+
+Blur is `fn.filter` run twice with a per-sample 1-D Gaussian the feeder computes
+(`gaussian_taps`): the same kernel and reflect-101 border as `fn.gaussian_blur` (a test
+checks they agree), at a fifth of its CPU cost (measured on 224 px float views: about
+0.3 ms against 1.2-2.3 ms for sigma 0.5-2)."""
 from __future__ import annotations
 
 from collections import deque
@@ -34,11 +39,13 @@ MASK_INPUTS = ("labels", "start", "end")  # windows in label-map pixels
 
 def view_inputs(recipe: Recipe, colour_scheme: str) -> tuple[str, ...]:
     """A view's per-sample parameters that its graph uses (no colour when colour is off;
-    no blur sigma / solarize flag where their probability is 0)."""
+    no blur taps / solarize flag where their probability is 0, no blur flag `sigma`
+    where blur always applies)."""
     p = COLOUR[colour_scheme]
     names = ("start", "end", "mirror")
     if recipe.cfg["colour"]:
-        names += ("twist",) + (("sigma",) if p["p_blur"] > 0 else ()) + \
+        names += ("twist",) + (("sigma",) if 0 < p["p_blur"] < 1 else ()) + \
+            (("taps",) if p["p_blur"] > 0 else ()) + \
             (("solarize",) if p["p_solarize"] > 0 else ())
     return names
 
@@ -68,6 +75,16 @@ def draw_colour(rng: np.random.Generator, scheme: str, enabled: bool) -> tuple:
     if u[1] < p["p_gray"]:
         twist[2] = 0.0
     return twist, np.float32(sigma if u[2] < p["p_blur"] else 0.0), np.bool_(u[3] < p["p_solarize"])
+
+
+def gaussian_taps(sigma: float) -> np.ndarray:
+    """The normalised 1-D Gaussian of `fn.gaussian_blur`'s default window, 2*ceil(3 sigma)+1
+    taps (not BYOL's fixed 23: the weights past 3 sigma are below 1.2% of the centre);
+    one tap of 1 for sigma 0, so unblurred samples still feed a valid filter."""
+    radius = int(np.ceil(3 * sigma)) if sigma > 0 else 0
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-x * x / (2 * sigma * sigma)) if sigma > 0 else np.ones(1)
+    return (taps / taps.sum()).astype(np.float32)
 
 
 def shrink_of(view: G.View) -> float:
@@ -163,7 +180,8 @@ class Feeder:
                     end = np.array([v.y0 + v.h, v.x0 + v.w], np.float32)
                 values = {"start": start, "end": end, "mirror": np.int32(v.flip),
                           "twist": twist,  # brightness, contrast, saturation, hue in degrees
-                          "sigma": np.array(sigma, np.float32), "solarize": np.array(solarize)}
+                          "sigma": np.array(sigma, np.float32), "taps": gaussian_taps(float(sigma)),
+                          "solarize": np.array(solarize)}
                 for k, value in values.items():
                     if f"{n}.{k}" in cols:
                         cols[f"{n}.{k}"].append(value)
@@ -179,6 +197,13 @@ class Feeder:
         # no_copy: DALI reads these arrays in place, so they live until the batch is out
         self.pending.append((plans, view_boxes, samples, out))
         return out
+
+
+def separable_blur(x, taps):
+    """Rows then columns with the sample's 1-D Gaussian `taps` (reflect-101 border); the
+    GPU fn.filter takes its filters from the CPU too, so one graph serves both."""
+    from nvidia.dali import fn
+    return fn.filter(fn.filter(x, fn.reshape(taps, shape=[1, -1])), fn.reshape(taps, shape=[-1, 1]))
 
 
 def build_pipeline(recipe: Recipe, feeder: Feeder, batch_size: int, num_threads: int,
@@ -211,16 +236,16 @@ def build_pipeline(recipe: Recipe, feeder: Feeder, batch_size: int, num_threads:
                           roi_end=ins[f"{n}.end"], interp_type=interp[spec.interp], antialias=True)
             p = COLOUR[spec.colour]
             if recipe.cfg["colour"]:  # ops with probability 0 or 1 skip the conditional's copies
-                twist, sigma = ins[f"{n}.twist"], ins[f"{n}.sigma"]
-                # float out + clamp: half the cost of uint8 out, same values up to rounding
-                x = dmath.clamp(fn.color_twist(x, brightness=twist[0], contrast=twist[1],
-                                               saturation=twist[2], hue=twist[3],
-                                               dtype=types.FLOAT), 0.0, 255.0)
-                # blur window 2*ceil(3 sigma)+1 (DALI's default), not BYOL's fixed 23
+                twist = ins[f"{n}.twist"]
+                # float out, then clamp: half the cost of uint8 out, same values up to
+                # rounding; min(max()) measured 2.5x faster than math.clamp on CPU
+                x = dmath.min(dmath.max(fn.color_twist(
+                    x, brightness=twist[0], contrast=twist[1], saturation=twist[2],
+                    hue=twist[3], dtype=types.FLOAT), 0.0), 255.0)
                 if p["p_blur"] >= 1:
-                    x = fn.gaussian_blur(x, sigma=sigma)
-                elif p["p_blur"] > 0 and sigma > 0:
-                    x = fn.gaussian_blur(x, sigma=sigma)
+                    x = separable_blur(x, ins[f"{n}.taps"])
+                elif p["p_blur"] > 0 and ins[f"{n}.sigma"] > 0:
+                    x = separable_blur(x, ins[f"{n}.taps"])
                 if p["p_solarize"] > 0 and ins[f"{n}.solarize"]:
                     x = x + (x >= 128.0) * (255.0 - 2.0 * x)
             outs.append(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean,
@@ -245,7 +270,10 @@ def to_torch(tensor_list) -> torch.Tensor:
     feed_ndarray)."""
     t = tensor_list.as_tensor()
     if not type(t).__name__.endswith("GPU"):
-        return torch.from_numpy(np.array(t))
+        view = np.asarray(t)
+        out = np.empty(view.shape, view.dtype)
+        np.copyto(out, view)  # measured 20% faster than np.array(t)
+        return torch.from_numpy(out)
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
     out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device="cuda")
     feed_ndarray(t, out)
