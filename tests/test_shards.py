@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -97,6 +98,8 @@ def test_index_lists_failures_and_offsets(hand_shards):
     with open(out / ok["shard"], "rb") as f:
         f.seek(jpg["offset"])
         assert f.read(jpg["size"]) == Path(info["expected"][ok["key"]]["path"]).read_bytes()
+        f.seek(ok["tar_offset"])  # the documented checksum: zlib's crc32 (we compute it with zlib-ng)
+        assert ok["crc32"] == zlib.crc32(f.read(ok["tar_size"]))
     assert ok["jpeg_reencoded"] is False and ok["resnet_distance_mean"] is not None
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_samples"] == len(info["expected"]) and manifest["num_failed"] == 1
