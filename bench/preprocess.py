@@ -166,11 +166,12 @@ def ray_job(kind: str, root: str, split, n: int, cpus: int, work: Path, measure_
     from preprocess.job import JobConfig, read_parts, run, start_ray
     start_ray(cpus)
     try:
-        start = time.perf_counter()
+        warmup = None
         if not measure_memory:  # memory runs count the workers' own memory as growth, as before
+            start = time.perf_counter()
             run(JobConfig(dataset=kind, root=root, split=split, work_dir=str(work / "warmup"),
                           limit=2 * cpus, batch_size=1, num_cpus=cpus, stats="off"))
-        warmup = time.perf_counter() - start
+            warmup = round(time.perf_counter() - start, 2)
         time.sleep(2.0)  # let Ray's own processes settle before measuring the idle level
         idle = PeakRSS().current()
         with PeakRSS() as memory:
@@ -183,8 +184,7 @@ def ray_job(kind: str, root: str, split, n: int, cpus: int, work: Path, measure_
     busy = sum(read_parts(proposals_dir(kind, work), ["elapsed_ms"]).column("elapsed_ms").to_pylist()) / 1000.0
     # busy / wall = how many workers were processing images on average: the pipeline's share of
     # the speed-up, separate from how fast each core was (other load on a shared machine)
-    out = {"images": n, "cpus": cpus, "warmup_s": round(warmup, 2) if not measure_memory else None,
-           "seconds": round(elapsed, 2),
+    out = {"images": n, "cpus": cpus, "warmup_s": warmup, "seconds": round(elapsed, 2),
            "images_per_s": round(n / elapsed, 3),
            "busy_workers": round(busy / elapsed, 3), "seconds_per_image_in_worker": round(busy / n, 3)}
     if measure_memory:

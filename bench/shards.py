@@ -206,10 +206,10 @@ def main(argv=None) -> int:
             "shard_dataset_no_crc": (lambda: None, lambda _: read_ours(fast)),
             "random_access_index": (lambda: None, lambda _: read_random(ds, keys)),
         }
-        def timed_pass(cache, read, state) -> float:
+        def timed_pass(cache, name, read, state) -> float:
             evict(tars) if cache == "cold" else plain_read(tars)
             took, count = timed(read, state)
-            assert count == len(ds), (read, count)
+            assert count == len(ds), (name, count)
             return took
 
         results = {}
@@ -218,9 +218,10 @@ def main(argv=None) -> int:
             for name, (setup, read) in readers.items():
                 seconds, plain, ratios = [], [], []
                 for _ in range(a.repeats):  # each pass paired with a plain read next to it
-                    plain.append(timed_pass(cache, lambda _: plain_read(tars) and len(ds), None))
+                    plain.append(timed_pass(cache, "plain read", lambda _: plain_read(tars) and len(ds),
+                                            None))
                     state = setup()
-                    seconds.append(timed_pass(cache, read, state))
+                    seconds.append(timed_pass(cache, name, read, state))
                     ratios.append(plain[-1] / seconds[-1])
                     # DALI maps the tars, and the page cache cannot drop mapped pages: free
                     # the pipeline now or the next "cold" pass reads from memory
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
                                         "seconds": seconds, "plain_seconds": plain}
             print(f"[bench-shards] {cache} cache: " + ", ".join(
                 f"{k} {v['samples_per_s']:.0f}/s ({v['ratio_to_plain_read']:.2f}x)"
-                for k, v in results[cache].items() if k != "plain_read"), flush=True)
+                for k, v in results[cache].items()), flush=True)
     write_med, plain_med = statistics.median(write_s), statistics.median(plain_write_s)
     write_ratio = statistics.median(p / w for p, w in zip(plain_write_s, write_s))
     streaming = ("dali_cpu", "shard_dataset")  # the pipeline's streaming readers

@@ -180,8 +180,9 @@ class Feeder:
                     end = np.array([v.y0 + v.h, v.x0 + v.w], np.float32)
                 values = {"start": start, "end": end, "mirror": np.int32(v.flip),
                           "twist": twist,  # brightness, contrast, saturation, hue in degrees
-                          "sigma": np.array(sigma, np.float32), "taps": gaussian_taps(float(sigma)),
-                          "solarize": np.array(solarize)}
+                          "sigma": np.array(sigma, np.float32), "solarize": np.array(solarize)}
+                if f"{n}.taps" in cols:  # only views that can blur feed a kernel
+                    values["taps"] = gaussian_taps(float(sigma))
                 for k, value in values.items():
                     if f"{n}.{k}" in cols:
                         cols[f"{n}.{k}"].append(value)
