@@ -50,7 +50,7 @@ class Setup:
         from train.config import load_config
         from train.loader import build_loader
         from train.optim import build_optimizer, build_scheduler
-        from train.pretrain import build_method
+        from train.methods import build_method
         config, extra = METHODS[name]
         self.cfg = load_config(CONFIGS / f"{config}.yaml", [
             f"data.shards={shards}", f"data.batch_size={batch}", f"data.image_size={image_size}", *extra])

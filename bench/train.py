@@ -39,7 +39,7 @@ class ComputeOnly:
     def __init__(self, cfg: dict):
         from train.loader import build_loader
         from train.optim import build_optimizer, build_scheduler
-        from train.pretrain import build_method
+        from train.methods import build_method
         torch.manual_seed(0)
         module, self.method = build_method(cfg)
         self.method.train()

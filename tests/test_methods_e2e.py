@@ -112,7 +112,7 @@ def test_method_trains_under_bf16_autocast(name, sample_shards, tmp_path):
 def test_full_configs_build_with_the_papers_optimiser(config, optimiser, lr, weight_decay):
     """The ResNet-50 recipes are valid (no unknown keys) and give the papers' optimiser."""
     from train.optim import build_optimizer
-    from train.pretrain import build_method
+    from train.methods import build_method
     torch.set_num_threads(1)
     cfg = load_config(CONFIGS / f"{config}.yaml")
     _, method = build_method(cfg)

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", action="store_true", help="export the EMA target network instead")
     args = parser.parse_args(argv)
     from train import checkpoint
-    from train.pretrain import build_method
+    from train.methods import build_method
     ckpt = Path(args.checkpoint)
     config = ckpt.parent / "config.yaml"
     if not config.is_file():

@@ -66,6 +66,17 @@ class Metrics:
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
 
+    def record(self, step: int, group: str, **values) -> None:
+        """A non-step record (e.g. `group="eval"`): one metrics.jsonl line
+        `{"event": group, "step": step, **values}` and TensorBoard scalars `group/<name>`."""
+        if not self.enabled:
+            return
+        self._write(dict(event=group, step=step, time=time.time(), **values))
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{group}/{k}", v, step)
+
     def step(self, step: int, loss: float, lr: float, step_time: float, data_wait: float,
              extra: dict | None = None) -> None:
         """Record one optimiser step; `data_wait` is the part of `step_time` spent

@@ -29,8 +29,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.progress import format_duration
-from train import checkpoint, distributed, methods
+from train import checkpoint, distributed
+from train.callbacks import TrainContext, build_callbacks
 from train.config import ConfigError, get, load_config
+from train.methods import build_method
 from train.metrics import Metrics
 from train.optim import build_optimizer, build_scheduler
 
@@ -150,14 +152,6 @@ def train_step(model, method, optimizer, scheduler, scaler, batch: dict, dtype, 
     return float(loss.detach()), logs
 
 
-def build_method(cfg: dict):
-    name = get(cfg, "method")
-    if not name:
-        raise ConfigError("the config has no `method` key (e.g. method: soco)")
-    module = methods.get(name)
-    return module, module.build(cfg)
-
-
 def make_loader(cfg: dict, recipe: str, per_rank_batch: int, info):
     from train.loader import build_loader
     shards = Path(get(cfg, "data.shards", ""))
@@ -267,6 +261,11 @@ def train(cfg: dict) -> dict:
                                       epoch=step // steps_per_epoch), cfg)
         distributed.barrier()
 
+    callbacks = build_callbacks(cfg)
+    ctx = TrainContext(cfg=cfg, method=method, step=step, total=total, steps_per_epoch=steps_per_epoch,
+                       out=out, info=info, metrics=metrics)
+    for cb in callbacks:
+        cb.on_train_start(ctx)
     model.train()
     batches = Prefetch(loader, int(get(cfg, "data.prefetch", 2)), first_epoch=step // steps_per_epoch,
                        reset_first=state is None or step % steps_per_epoch == 0)
@@ -287,6 +286,9 @@ def train(cfg: dict) -> dict:
             loss, logs = train_step(model, method, optimizer, scheduler, scaler, batch, dtype, step, total)
             step += 1
             metrics.step(step, loss, lr, time.perf_counter() - t0, t_data, logs)
+            ctx.step = step
+            for cb in callbacks:
+                cb.on_step_end(ctx)
             if step % every == 0 or step == total:
                 save(loader_state)
             maybe_fault(cfg, info, step)
@@ -302,6 +304,8 @@ def train(cfg: dict) -> dict:
     finally:
         batches.close()
 
+    for cb in callbacks:
+        cb.on_train_end(ctx)
     summary = metrics.summary()
     exported = None
     if info.is_main and get(cfg, "export.enabled", True):

@@ -117,6 +117,16 @@ def get(name: str) -> ModuleType:
     return module
 
 
+def build_method(cfg: dict) -> tuple[ModuleType, Method]:
+    """(method module, Method) for the config's `method` key, built from its `model:` keys."""
+    name = cfg.get("method") if isinstance(cfg, dict) else None
+    if not name:
+        from train.config import ConfigError
+        raise ConfigError("the config has no `method` key (e.g. method: soco)")
+    module = get(name)
+    return module, module.build(cfg)
+
+
 def build_on_backbone(cls: type, cfg: dict, name: str, defaults: dict,
                       zero_init_residual: bool) -> Method:
     """`cls(backbone, **options)` from the config's `model:` keys over `defaults`.

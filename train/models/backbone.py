@@ -68,6 +68,22 @@ class ResNet(tvr.ResNet):
             out.append(x)
         return out
 
+    @property
+    def feature_info(self) -> list[dict]:
+        """One entry per feature map of `forward_features`, shallow to deep: name, channels,
+        stride (timm's `feature_info` idea: callers never ask which family they hold)."""
+        return [dict(name=f"res{i + 2}", channels=c, stride=s)
+                for i, (c, s) in enumerate(zip(self.out_channels, self.strides))]
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"res2": C2, ..., "res5": C5} feature maps (NCHW), names as in `feature_info`."""
+        return {info["name"]: f for info, f in zip(self.feature_info, self.features(x))}
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay by name (none for a ResNet: its
+        norms and biases are 1-D, which the methods' groups already exempt)."""
+        return set()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (the `fc` input of torchvision's classifier)."""
         return torch.flatten(self.avgpool(self.features(x)[-1]), 1)
