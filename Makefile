@@ -55,14 +55,17 @@ shards: setup
 verify: setup
 	$(PY) -m shards.verify --dataset $(DATASET) $(VERIFY_ARGS)
 
-# Audit (issue 4): ResNet distance into existing parts, then the HTML report.
+# Audit (issues 4, 18; preprocess/audit/): distance statistic into existing parts, then the report.
 # WEIGHTS=path/resnet50-0676ba61.pth (else the torch hub cache); STATS_ARGS e.g. --force.
+# BACKBONE= another network: work/pretrain/<run> (export or checkpoint of ours) or
+# timm:<name> with WEIGHTS=<local file>; default torchvision's supervised ResNet-50.
 stats: setup
-	$(PY) -m preprocess.stats --dataset $(DATASET) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(STATS_ARGS)
+	$(PY) -m preprocess.audit.stats --dataset $(DATASET) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(BACKBONE),--backbone $(BACKBONE)) $(STATS_ARGS)
 
-# make report DATASETS="coco imagenet" [NAME=...] -> $(WORK_DIR)/report/NAME/index.html
+# make report DATASETS="coco imagenet" [NAME=...] -> $(WORK_DIR)/report/NAME/{index.html,img/}
+# REPORT_ARGS e.g. "--no-gallery --top 6 --gallery-sample 8".
 report: setup
-	$(PY) -m preprocess.report --datasets "$(DATASETS)" $(if $(NAME),--name $(NAME)) $(REPORT_ARGS)
+	$(PY) -m preprocess.audit.report --datasets "$(DATASETS)" $(if $(NAME),--name $(NAME)) $(REPORT_ARGS)
 
 # Short SoCo run on CPU on $(WORK_DIR)/$(DATASET)/shards, then export (issue 6). NPROC=2 runs
 # torchrun with 2 processes; PRETRAIN_CONFIG picks another recipe; PRETRAIN_ARGS e.g.
