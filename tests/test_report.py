@@ -74,7 +74,7 @@ def check_page(out, datasets, top):
     assert parser.imgs and parser.panels
     for src in parser.imgs + parser.panels:
         assert src.startswith("img/") and (out / src).is_file(), src
-        assert Image.open(out / src).format == "WEBP"
+        assert Image.open(out / src).format == "JPEG"
     assert not re.search(r'(src|href)="(http|file|/|data:)', page)
     for svg in re.findall(r"<svg.*?</svg>", page, flags=re.S):
         ET.fromstring(svg)  # well-formed XML, or the browser shows nothing

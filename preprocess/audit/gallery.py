@@ -2,7 +2,7 @@
 
 Per dataset, a deterministic sample (keys ranked by sha256(seed:key)) and the worst cases
 (fewest proposals, most and fewest FH segments, images whose filter rule fell back from
-SoCo's), each drawn four ways as small WebP thumbnails written beside the page:
+SoCo's), each drawn four ways as small JPEG thumbnails written beside the page:
 
 - proposals: the kept boxes (cyan) over the boxes SoCo's filter removed (faint white). The
   parts keep only the kept boxes, so the removed ones are recomputed: selective search is
@@ -39,7 +39,7 @@ MASK_ALPHA = 0.5
 PANELS = ("boxes", "segments", "masks", "gt")
 PANEL_TITLES = {"boxes": "proposals (cyan kept, faint removed)", "segments": "FH segments",
                 "masks": "MCG-style masks", "gt": "ground truth"}
-CATEGORIES = ("sample", "fewest proposals", "most segments", "fewest segments", "filter fell back")
+CATEGORIES = ("random sample", "fewest proposals", "most segments", "fewest segments", "filter fell back")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def select(keys: list[str], num_boxes, num_segments, rules, n_sample: int = 8,
     fell = [i for i in order if rules[i] != "soco"]
     fell.sort(key=lambda i: (nb[i], keys[i]))
     return {
-        "sample": sorted(order, key=lambda i: hash_rank(keys[i], seed))[:n_sample],
+        "random sample": sorted(order, key=lambda i: hash_rank(keys[i], seed))[:n_sample],
         "fewest proposals": list(order[np.argsort(nb, kind="stable")][:n_worst]),
         "most segments": list(order[np.argsort(-ns, kind="stable")][:n_worst]),
         "fewest segments": list(order[np.argsort(ns, kind="stable")][:n_worst]),
@@ -197,8 +197,8 @@ def draw(item: Item, side: int = 240) -> dict:
     pen = ImageDraw.Draw(layer)
     for b in item.removed:
         pen.rectangle(scaled(b), outline=REMOVED, width=1)
-    for b in item.boxes:
-        pen.rectangle(scaled(b), outline=KEPT + (255,), width=2)
+    for b in item.boxes:  # thinner lines when there are many
+        pen.rectangle(scaled(b), outline=KEPT + (255,), width=2 if len(item.boxes) <= 40 else 1)
     panels["boxes"] = Image.alpha_composite(img, layer).convert("RGB")
 
     labels = nearest(item.fh, size).astype(np.int64)
@@ -222,7 +222,9 @@ def draw(item: Item, side: int = 240) -> dict:
     return panels
 
 
-def webp(img, quality: int = 82) -> bytes:
+def jpeg(img, quality: int = 85) -> bytes:
+    """JPEG without chroma subsampling: 1-px coloured lines keep their colour (4:2:0 JPEG
+    and lossy WebP smear them into the neighbours); about 14 kB a 240 px panel."""
     buf = io.BytesIO()
-    img.save(buf, "WEBP", quality=quality, method=4)
+    img.convert("RGB").save(buf, "JPEG", quality=quality, subsampling=0)
     return buf.getvalue()

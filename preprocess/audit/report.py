@@ -7,7 +7,7 @@ Reads WORK_DIR/<ds>/proposals/part-*.parquet (+ _job.json for the dataset root) 
 the gallery, WORK_DIR/<ds>/shards/ when they exist. Gathering (preprocess.audit.gather,
 .gallery) is separate from rendering: this module builds one context dict and renders
 templates/report.html.j2 with Jinja2 (autoescaped); charts are inline SVG drawn by the
-template from preprocess.audit.charts data; images are WebP files under img/.
+template from preprocess.audit.charts data; images are JPEG files under img/.
 
 Sections: the distance per dataset with a bootstrap 95% CI, one comparison per backbone
 (MaskCo's Table 1 beside torchvision's supervised ResNet-50 only), ECDFs, the most and
@@ -60,7 +60,7 @@ class Images:
         self.count = self.bytes = 0
 
     def put(self, rel: str, img) -> str:
-        data = gal.webp(img)
+        data = gal.jpeg(img)
         atomic_write_bytes(self.out / IMG / rel, data)
         self.count += 1
         self.bytes += len(data)
@@ -124,10 +124,10 @@ def example_figure(images: Images, folder: str, d: DatasetData, j: int, p: dict 
     pen = ImageDraw.Draw(small)
     for b, colour in zip(pair, ("#00e5ff", "#ffea00")):
         pen.rectangle([b[0] * s[0], b[1] * s[1], b[2] * s[0] - 1, b[3] * s[1] - 1], outline=colour, width=2)
-    fig["thumb"] = images.put(f"{folder}/{d.keys[j]}.crops.webp", small)
+    fig["thumb"] = images.put(f"{folder}/{d.keys[j]}.crops.jpg", small)
     for i, b in enumerate(pair):
         view = img.resize((thumb // 2, thumb // 2), Image.BILINEAR, box=tuple(map(int, b)))
-        fig["views"].append(images.put(f"{folder}/{d.keys[j]}.view{i + 1}.webp", view))
+        fig["views"].append(images.put(f"{folder}/{d.keys[j]}.view{i + 1}.jpg", view))
     return fig
 
 
@@ -189,7 +189,7 @@ def gallery_section(images: Images, i: int, d: DatasetData, work, n_sample: int,
                       "removed": len(item.removed), "segments": d.num_segments[j],
                       "masks": d.num_masks[j], "notes": item.notes,
                       "panels": [{"name": n, "title": gal.PANEL_TITLES[n],
-                                  "src": images.put(f"ds{i}/gallery/{key}.{n}.webp", img)}
+                                  "src": images.put(f"ds{i}/gallery/{key}.{n}.jpg", img)}
                                  for n, img in panels.items()]}
     for title in gal.CATEGORIES:
         figs = [drawn[d.keys[j]] for j in chosen[title] if d.keys[j] in drawn]
