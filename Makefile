@@ -13,7 +13,7 @@ REQ_STAMP := $(VENV)/.req-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
 
 .PHONY: setup setup-bench test demo sample proposals shards verify stats report pretrain \
-        bench bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods clean
+        bench bench-preprocess bench-shards bench-stats bench-report bench-loader bench-train bench-methods clean
 
 setup: $(REQ_STAMP)
 $(REQ_STAMP): requirements.txt
@@ -87,6 +87,10 @@ bench-shards: setup
 
 bench-stats: setup
 	$(PY) -m bench.stats
+
+# Report cost with and without the gallery (issue 18) -> bench/results/report.json
+bench-report: setup
+	$(PY) -m bench.report
 
 # Loader images/s per CPU core, every recipe, DALI (CPU) vs the torchvision reference and the
 # DALI decode+crop bound; peak memory (issue 5). BENCH_LOADER_ARGS e.g. --samples 256 --rounds 2.

@@ -45,7 +45,7 @@ from schemas.proposals import PROPOSALS
 
 PART_NAME = "part-{:05d}.parquet"
 JOB_FILE = "_job.json"
-PATH_COLUMN = "_path"  # absolute source path, carried through STAGES, dropped before writing
+PATH_COLUMN = "_path"  # absolute source path, carried through the stages, dropped before writing
 
 
 class JobError(RuntimeError):
