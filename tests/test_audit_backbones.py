@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
-from torchvision.transforms import functional as TF
 
 from common.io import sha256_file
 from common.paths import proposals_dir
@@ -29,6 +28,8 @@ from schemas import table_params
 from train.checkpoint import save
 from train.config import load_config, save_config
 
+from audit_checks import direct_distances
+
 SMALL = distance.StatsConfig(seed=2, pairs=2, size=64, batch_views=16)
 REPO_CONFIGS = "train/configs"
 
@@ -36,23 +37,6 @@ REPO_CONFIGS = "train/configs"
 @pytest.fixture(scope="module")
 def images(sample_raw):
     return [(r.key, load_rgb(r.path)) for r in list_images("sample", sample_raw)[:3]]
-
-
-def direct(net, key, rgb, cfg, mean=backbones.IMAGENET_MEAN, std=backbones.IMAGENET_STD):
-    """Pair distances written out with torchvision's transforms and the network's forward."""
-    from PIL import Image
-    img = Image.fromarray(rgb)
-    out = []
-    for pair in distance.crop_pairs(key, rgb.shape[1], rgb.shape[0], cfg):
-        ys = []
-        for x1, y1, x2, y2 in pair.tolist():
-            view = TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [cfg.size, cfg.size],
-                                   interpolation=TF.InterpolationMode.BILINEAR)
-            x = TF.normalize(TF.to_tensor(view), mean, std)
-            with torch.no_grad():
-                ys.append(torch.nn.functional.normalize(net(x[None]).flatten(1), dim=1)[0])
-        out.append(float(((ys[0] - ys[1]) ** 2).sum()))
-    return np.array(out)
 
 
 def export_run(root, arch="resnet18", width=64, seed=0):
@@ -88,7 +72,7 @@ def test_an_export_of_ours_gives_the_statistic_of_that_network(run_dir, images):
     ref.eval()
     ours = dict(model.image_distances(images, SMALL))
     for key, rgb in images:
-        np.testing.assert_allclose(ours[key], direct(ref, key, rgb, SMALL), rtol=2e-3, atol=1e-6)
+        np.testing.assert_allclose(ours[key], direct_distances(ref, key, rgb, SMALL), rtol=2e-3, atol=1e-6)
     # The exported file named directly is the same backbone.
     assert backbones.resolve(str(path)) == chosen
 
@@ -114,7 +98,7 @@ def test_a_checkpoint_of_ours_is_built_through_its_method(tmp_path, images):
     assert all(torch.equal(loaded[k], v) for k, v in ref.state_dict().items())
     ours = dict(model.image_distances(images, SMALL))
     for key, rgb in images:  # small distances (random net): PIL box-resize vs crop+resize rounding
-        np.testing.assert_allclose(ours[key], direct(ref, key, rgb, SMALL), rtol=5e-3, atol=1e-4)
+        np.testing.assert_allclose(ours[key], direct_distances(ref, key, rgb, SMALL), rtol=5e-3, atol=1e-4)
     # An export beside the checkpoint wins: it is what the run shipped.
     export_run(tmp_path / "both")
     save(tmp_path / "both", {"step": 3, "model": method.state_dict()}, cfg)
@@ -134,7 +118,7 @@ def test_a_timm_model_loads_from_a_local_file(tmp_path, images):
     at_size = distance.StatsConfig(seed=2, pairs=2, size=cfg["input_size"][-1])  # test_vit: 160 px
     ours = dict(model.image_distances(images, at_size))
     for key, rgb in images:
-        np.testing.assert_allclose(ours[key], direct(net.eval(), key, rgb, at_size, cfg["mean"], cfg["std"]),
+        np.testing.assert_allclose(ours[key], direct_distances(net.eval(), key, rgb, at_size, cfg["mean"], cfg["std"]),
                                    rtol=5e-3, atol=1e-4)
 
 

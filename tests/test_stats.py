@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
-from torchvision.transforms import functional as TF
 
 from common.io import sha256_file
 from preprocess.audit import backbones, distance
 from preprocess.audit import stats as make_stats
 from preprocess.audit.stage import job_stage
+from audit_checks import direct_distances
 from preprocess.datasets import list_images
 from preprocess.decode import load_rgb
 from schemas import table_params
@@ -35,24 +35,6 @@ def model():
 @pytest.fixture(scope="module")
 def images(sample_raw):
     return [(r.key, load_rgb(r.path)) for r in list_images("sample", sample_raw)[:4]]
-
-
-def direct_distances(net: torch.nn.Module, key: str, rgb: np.ndarray, cfg) -> np.ndarray:
-    """The statistic written out with torchvision's own pieces: PIL resized_crop, to_tensor,
-    normalize, full resnet50 with fc removed (its avgpool is the global mean)."""
-    from PIL import Image
-    img = Image.fromarray(rgb)
-    out = []
-    for pair in distance.crop_pairs(key, rgb.shape[1], rgb.shape[0], cfg):
-        ys = []
-        for x1, y1, x2, y2 in pair.tolist():
-            view = TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [cfg.size, cfg.size],
-                                   interpolation=TF.InterpolationMode.BILINEAR)
-            x = TF.normalize(TF.to_tensor(view), backbones.IMAGENET_MEAN, backbones.IMAGENET_STD)
-            with torch.no_grad():
-                ys.append(torch.nn.functional.normalize(net(x[None]), dim=1)[0])
-        out.append(float(((ys[0] - ys[1]) ** 2).sum()))
-    return np.array(out)
 
 
 def test_crops_follow_random_resized_crop():
