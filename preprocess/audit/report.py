@@ -46,8 +46,12 @@ def environment():
     import jinja2
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["num"] = lambda x, digits=4: "n/a" if x is None else f"{x:.{digits}f}"
+    env.filters["num"] = num
     return env
+
+
+def num(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 class Images:
@@ -269,7 +273,6 @@ def build_report(datasets: list[str], name: str, *, work=None, top: int = 6, rep
     for ds in datasets:
         r = summaries[ds]["resnet_distance"]
         flag = "" if r["meaningful"] else "  NOT MEANINGFUL"
-        num = environment().filters["num"]
         print(f"[report] {ds}: {summaries[ds]['ok']} ok, {summaries[ds]['failed']} failed, "
               f"distance {num(r['mean'])} 95% CI [{num(r['ci95'][0])}, {num(r['ci95'][1])}] "
               f"n={r['n']} ({r['backbone_id'] or 'no backbone'}){flag}", file=sys.stderr)
