@@ -181,3 +181,19 @@ def test_parts_record_the_backbone_and_the_report_never_mixes_two(two_backbones,
         groups = summary["datasets"][ds]["distance_by_backbone"]
         assert len(groups) == 1 and next(iter(groups.values()))["n"] == 14
     assert summary["datasets"]["b"]["resnet_distance"]["backbone"]["sha256"] == digest
+
+
+def test_a_dataset_whose_parts_disagree_is_split_by_backbone(two_backbones):
+    """Parts of one dataset refreshed with different networks (an interrupted `make stats
+    BACKBONE=...`): each network's images are compared only with each other."""
+    work, _ = two_backbones
+    shutil.copytree(proposals_dir("a", work), proposals_dir("mixed", work))
+    shutil.copy(proposals_dir("b", work) / "part-00000.parquet", proposals_dir("mixed", work) / "part-00000.parquet")
+    out = report.build_report(["mixed"], "mixed", work=work, reps=100, top=1, gallery=False)
+    summary = json.loads((out / "summary.json").read_text())["datasets"]["mixed"]
+    counts = sorted(g["n"] for g in summary["distance_by_backbone"].values())
+    assert counts == [4, 10]  # part 0 holds 4 images
+    assert summary["resnet_distance"]["n"] == 10 and summary["resnet_distance"]["backbone"]["kind"] == "random"
+    page = (out / "index.html").read_text()
+    assert page.count('<p class="backbone" data-backbone=') == 2
+    assert page.count("(other backbones or none)") == 2
