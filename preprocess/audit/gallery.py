@@ -100,6 +100,8 @@ def items_from_parts(folder: Path, keys: list[str], root: Path | None) -> dict[s
     columns = ["key", "source_path", "status", "boxes", "filter_rule", "fh_png", "mcg_png",
                "num_masks", "gt_json", "gt_png"]
     for part in sorted(folder.glob("part-*.parquet")):
+        if wanted.isdisjoint(pq.read_table(part, columns=["key"]).column("key").to_pylist()):
+            continue  # read the label-map columns only of parts holding a chosen image
         for r in pq.read_table(part, columns=columns).to_pylist():
             if r["key"] not in wanted or r["status"] != "ok":
                 continue

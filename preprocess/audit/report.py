@@ -99,7 +99,7 @@ def comparisons(datasets: list[DatasetData], summaries: dict) -> list[dict]:
                   if paper else [])
         g.update(meaningful=meaningful, paper=paper, chart=chart(
             g.pop("series"), "per-image distance", "fraction of images ≤ x",
-            f"ECDF of per-image distances: {g['backbone']['name']}"[:90], xlim=(0, xmax),
+            "ECDF of per-image distances", xlim=(0, xmax),
             ylim=(0, 1), vlines=vlines, note=None if meaningful else "NOT MEANINGFUL"))
         out.append(g)
     return out
