@@ -86,7 +86,7 @@ def comparisons(datasets: list[DatasetData], summaries: dict) -> list[dict]:
                               "partial": fig["n"] < summaries[d.name]["ok"]})
             for other in fig["params"][1:]:
                 g["warnings"].append((d.name, other))
-            v = np.asarray(d.distance, float)[np.asarray(d.backbone) == datasets[i].backbones.index(fig["backbone"])]
+            v = np.asarray(d.distance, float)[np.asarray(d.backbone) == d.backbones.index(fig["backbone"])]
             v = v[~np.isnan(v)]
             g["series"].append(Series(d.name, *ecdf(v), COLOURS[i % len(COLOURS)]))
     out = []
@@ -142,7 +142,10 @@ def examples(images: Images, datasets: list[DatasetData], summaries: dict, top: 
         if not any(f["n"] for f in figs.values()):
             out.append({"dataset": d.name, "backbone": None, "lists": []})
             continue
-        for b, (bid, f) in enumerate(figs.items()):
+        for bid, f in figs.items():
+            if f["backbone"] is None:
+                continue
+            b = d.backbones.index(f["backbone"])
             v = np.asarray(d.distance, float)
             idx = np.flatnonzero((np.asarray(d.backbone) == b) & ~np.isnan(v))
             if not len(idx):
