@@ -13,7 +13,7 @@ REQ_STAMP := $(VENV)/.req-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
 
 .PHONY: setup setup-bench test demo sample proposals shards verify stats report pretrain \
-        bench bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods clean
+        bench bench-preprocess bench-shards bench-stats bench-report bench-loader bench-train bench-methods clean
 
 setup: $(REQ_STAMP)
 $(REQ_STAMP): requirements.txt
@@ -55,14 +55,17 @@ shards: setup
 verify: setup
 	$(PY) -m shards.verify --dataset $(DATASET) $(VERIFY_ARGS)
 
-# Audit (issue 4): ResNet distance into existing parts, then the HTML report.
+# Audit (issues 4, 18; preprocess/audit/): distance statistic into existing parts, then the report.
 # WEIGHTS=path/resnet50-0676ba61.pth (else the torch hub cache); STATS_ARGS e.g. --force.
+# BACKBONE= another network: work/pretrain/<run> (export or checkpoint of ours) or
+# timm:<name> with WEIGHTS=<local file>; default torchvision's supervised ResNet-50.
 stats: setup
-	$(PY) -m preprocess.stats --dataset $(DATASET) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(STATS_ARGS)
+	$(PY) -m preprocess.audit.stats --dataset $(DATASET) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(BACKBONE),--backbone $(BACKBONE)) $(STATS_ARGS)
 
-# make report DATASETS="coco imagenet" [NAME=...] -> $(WORK_DIR)/report/NAME/index.html
+# make report DATASETS="coco imagenet" [NAME=...] -> $(WORK_DIR)/report/NAME/{index.html,img/}
+# REPORT_ARGS e.g. "--no-gallery --top 6 --gallery-sample 8".
 report: setup
-	$(PY) -m preprocess.report --datasets "$(DATASETS)" $(if $(NAME),--name $(NAME)) $(REPORT_ARGS)
+	$(PY) -m preprocess.audit.report --datasets "$(DATASETS)" $(if $(NAME),--name $(NAME)) $(REPORT_ARGS)
 
 # Short SoCo run on CPU on $(WORK_DIR)/$(DATASET)/shards, then export (issue 6). NPROC=2 runs
 # torchrun with 2 processes; PRETRAIN_CONFIG picks another recipe; PRETRAIN_ARGS e.g.
@@ -84,6 +87,10 @@ bench-shards: setup
 
 bench-stats: setup
 	$(PY) -m bench.stats
+
+# Report cost with and without the gallery (issue 18) -> bench/results/report.json
+bench-report: setup
+	$(PY) -m bench.report
 
 # Loader images/s per CPU core, every recipe, DALI (CPU) vs the torchvision reference and the
 # DALI decode+crop bound; peak memory (issue 5). BENCH_LOADER_ARGS e.g. --samples 256 --rounds 2.

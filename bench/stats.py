@@ -1,7 +1,7 @@
 """`make bench-stats`: throughput of the ResNet-distance step as a ratio to a bare batched
 forward pass of the same ResNet-50 trunk over the same views, in the same process.
 
-The step (preprocess.stats.add_stats) reads and decodes each JPEG, draws the seeded crop
+The step (preprocess.audit.distance.add_stats) reads and decodes each JPEG, draws the seeded crop
 pairs, resizes them, normalises, runs the trunk, pools and takes distances. The baseline
 runs only `trunk(x)` on the same views, already cut, resized and normalised, in batches of
 the same size. Rounds alternate baseline and step; the figure is the median of the
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.io import atomic_write_text
-from preprocess import stats
+from preprocess.audit import backbones, distance, stats
 from preprocess.datasets import list_images
 from preprocess.decode import load_rgb
 from preprocess.sample import generate
@@ -47,10 +47,10 @@ def make_inputs(root: Path, n: int) -> tuple[pa.Table, list]:
     return PROPOSALS.from_rows(rows), records
 
 
-def baseline_views(records, cfg: stats.StatsConfig, model: stats.ResNetDistance):
+def baseline_views(records, cfg: distance.StatsConfig, model: distance.FeatureDistance):
     """The exact tensors the step feeds the trunk, prepared outside the timed region."""
     import torch
-    views = np.concatenate([stats.render_views(rgb, stats.crop_pairs(r.key, rgb.shape[1], rgb.shape[0], cfg), cfg.size)
+    views = np.concatenate([distance.render_views(rgb, distance.crop_pairs(r.key, rgb.shape[1], rgb.shape[0], cfg), cfg.size)
                             for r in records for rgb in [load_rgb(r.path)]])
     x = torch.from_numpy(views).permute(0, 3, 1, 2).float()
     # Same memory layout as the step feeds (channels_last), so only the step's extra work differs.
@@ -63,7 +63,7 @@ def time_baseline(model, batches) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
         for b in batches:
-            model.trunk(b)
+            model.pooled(b)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -74,13 +74,13 @@ def time_prep(records, cfg) -> float:
     start = time.perf_counter()
     for r in records:
         rgb = load_rgb(r.path)
-        stats.render_views(rgb, stats.crop_pairs(r.key, rgb.shape[1], rgb.shape[0], cfg), cfg.size)
+        distance.render_views(rgb, distance.crop_pairs(r.key, rgb.shape[1], rgb.shape[0], cfg), cfg.size)
     return time.perf_counter() - start
 
 
 def time_step(model, table, root, cfg) -> float:
     start = time.perf_counter()
-    out = stats.add_stats(table, root, model, cfg)
+    out = distance.add_stats(table, root, model, cfg)
     assert out.column("resnet_distance_mean").null_count == 0
     return time.perf_counter() - start
 
@@ -113,9 +113,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
     load_start = os.getloadavg()[0]  # a shared machine: say how busy it was
-    weights = stats.find_weights() if stats.weights_available() else None
-    cfg = stats.StatsConfig(pairs=args.pairs, batch_views=args.batch_views)
-    model = stats.ResNetDistance(weights, random_weights=weights is None)
+    weights = backbones.find_weights() if backbones.weights_available() else None
+    cfg = distance.StatsConfig(pairs=args.pairs, batch_views=args.batch_views)
+    model = distance.FeatureDistance(weights, random_weights=weights is None)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "raw"
         table, records = make_inputs(root, args.images)

@@ -4,7 +4,8 @@
 
 Shape (ray.data end to end): read (`from_items` over the image records of unfinished parts)
 -> `map_batches(process_batch)` on a task pool (one CPU per task, so nothing starves)
--> the stages in STAGES (later steps such as the audit's ResNet distance plug in there)
+-> the stages handed to `run(config, stages)` (preprocess.stages.Stage; the command line
+passes the audit's distance stage when --stats asks for it)
 -> write: the driver streams the result blocks and writes each part atomically once every
 row of that part has arrived. Parts are fixed chunks of the key-sorted image list, so a
 part's content does not depend on how Ray batched or ordered the work, and a rerun skips
@@ -26,7 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,12 +40,12 @@ from preprocess.decode import DecodeError, decode, max_pixels
 from preprocess.mcg import MaskParams, encode_bitfield_png, mcg_masks
 from preprocess.proposals import ProposalParams, propose
 from preprocess.segments import SegmentParams, encode_label_png, fh_segments
-from preprocess.stats import job_stage as stats_stage, job_stats_params
+from preprocess.stages import Stage
 from schemas.proposals import PROPOSALS
 
 PART_NAME = "part-{:05d}.parquet"
 JOB_FILE = "_job.json"
-PATH_COLUMN = "_path"  # absolute source path, carried through STAGES, dropped before writing
+PATH_COLUMN = "_path"  # absolute source path, carried through the stages, dropped before writing
 
 
 class JobError(RuntimeError):
@@ -66,8 +67,6 @@ class JobConfig:
     proposals: ProposalParams = field(default_factory=ProposalParams)
     segments: SegmentParams = field(default_factory=SegmentParams)
     masks: MaskParams = field(default_factory=MaskParams)
-    stats: str = "auto"              # ResNet distance (preprocess.stats): auto = on when weights are found
-    weights: str | None = None        # ResNet-50 weights file (default: $WEIGHTS, else the torch hub cache)
 
     @property
     def out_name(self) -> str:
@@ -145,18 +144,12 @@ def _process_stage(ds, config: JobConfig, num_cpus: int, batch_size: int):
                           compute=ray.data.TaskPoolStrategy(size=num_cpus))
 
 
-# Stages run in order on the Ray dataset of PROPOSALS rows (plus PATH_COLUMN). A stage is
-# `fn(ds, config, num_cpus) -> ds`; it may fill columns (e.g. resnet_distance_*) but must keep
-# one row per image and the key column. Append later steps here.
-STAGES: list[Callable] = [stats_stage]
-
-
-def build_pipeline(items: list[dict], config: JobConfig, num_cpus: int):
+def build_pipeline(items: list[dict], config: JobConfig, num_cpus: int, stages: Sequence[Stage] = ()):
     import ray.data
     batch_size = config.batch_size or max(1, min(16, math.ceil(len(items) / (4 * num_cpus))))
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
     ds = _process_stage(ds, config, num_cpus, batch_size)
-    for stage in STAGES:
+    for stage in stages:  # in order, on PROPOSALS rows plus PATH_COLUMN (preprocess.stages)
         ds = stage(ds, config, num_cpus)
     return ds
 
@@ -216,8 +209,9 @@ def start_ray(num_cpus: int | None) -> tuple[bool, int]:
     return True, cpus
 
 
-def run(config: JobConfig) -> dict:
-    """Run (or resume) the job; returns the summary that is also written to _job.json."""
+def run(config: JobConfig, stages: Sequence[Stage] = ()) -> dict:
+    """Run (or resume) the job with `stages` after the per-image step; returns the summary
+    that is also written to _job.json."""
     records = list_images(config.dataset, config.root, config.split)
     if config.limit:
         records = records[: config.limit]
@@ -242,9 +236,11 @@ def run(config: JobConfig) -> dict:
           f"{n_parts - len(todo)} parts already done, {len(todo)} to do", flush=True)
     start = time.perf_counter()
     if items:
-        stats_params = job_stats_params(config)  # recorded in the parts only: `make stats` may refresh it
-        print(f"[proposals] ResNet distance: {'on' if stats_params else 'off (no weights or --stats off; `make stats` adds it later)'}", flush=True)
-        _run_parts(items, config, out, params if stats_params is None else {**params, "stats": stats_params})
+        for stage in stages:
+            print(f"[proposals] stage {stage.name}: {stage.describe or 'on'}", flush=True)
+        # Stage params go into the parts only (not _job.json): `make stats` may refresh them.
+        stage_params = {s.name: s.params for s in stages if s.params is not None}
+        _run_parts(items, config, out, {**params, **stage_params}, stages)
     elapsed = time.perf_counter() - start
 
     table = read_parts(out, ["status", "filter_rule"])
@@ -262,7 +258,7 @@ def run(config: JobConfig) -> dict:
     return job
 
 
-def _run_parts(items: list[dict], config: JobConfig, out: Path, params: dict) -> None:
+def _run_parts(items: list[dict], config: JobConfig, out: Path, params: dict, stages: Sequence[Stage]) -> None:
     import ray
     from ray.data import DataContext
     started, cpus = start_ray(config.num_cpus)
@@ -279,7 +275,7 @@ def _run_parts(items: list[dict], config: JobConfig, out: Path, params: dict) ->
         arrived: dict[int, list[dict]] = {p: [] for p in expected}
         progress = Progress("proposals", len(items))
         failed = 0
-        for batch in build_pipeline(items, config, cpus).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in build_pipeline(items, config, cpus, stages).iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 part = part_of[row["key"]]
                 arrived[part].append(row)
@@ -335,15 +331,22 @@ def main(argv=None) -> int:
                    help="selective search on a copy with this longer side (0 = full resolution)")
     p.add_argument("--max-boxes", type=int, default=ProposalParams.max_boxes, help="cap on kept proposals")
     p.add_argument("--stats", default="auto", choices=["auto", "on", "off"],
-                   help="ResNet distance in the job (auto: on when ResNet-50 weights are found)")
+                   help="distance statistic in the job (auto: on when ResNet-50 weights are found)")
     p.add_argument("--weights", default=os.environ.get("WEIGHTS") or None, help="ResNet-50 weights file")
+    p.add_argument("--backbone", default=os.environ.get("BACKBONE") or None,
+                   help="network of the statistic (see preprocess.audit.backbones)")
     a = p.parse_args(argv)
     try:
         config = JobConfig(dataset=a.dataset, root=_default_root(a.dataset, a), split=a.split, name=a.name,
                            work_dir=a.work_dir, part_size=a.part_size, batch_size=a.batch_size,
-                           num_cpus=a.num_cpus, limit=a.limit, stats=a.stats, weights=a.weights,
+                           num_cpus=a.num_cpus, limit=a.limit,
                            proposals=ProposalParams(mode=a.mode, max_side=a.max_side, max_boxes=a.max_boxes))
-        run(config)
+        from preprocess.audit.stage import job_stage  # the command line chooses the stages
+        stage = job_stage(a.stats, a.weights, a.backbone)
+        if stage is None:
+            print("[proposals] distance statistic: off (no weights or --stats off; `make stats` adds it later)",
+                  flush=True)
+        run(config, [] if stage is None else [stage])
     except (JobError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

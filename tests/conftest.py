@@ -53,9 +53,9 @@ def sample_parts(sample_raw, tmp_path_factory) -> tuple[Path, str]:
     on `sample_raw` once per session; returns (work_dir, dataset_name). The parts are at
     `common.paths.proposals_dir(dataset_name, work_dir)` (PROPOSALS schema, 14 rows, all
     'ok', with gt_json/gt_png); the raw images at `sample_raw`. Read-only: copy to modify.
-    Statistics are off, so the suite behaves the same where ResNet-50 weights are cached."""
+    No stages (the distance statistic is off), so the suite behaves the same where ResNet-50
+    weights are cached."""
     from preprocess.job import JobConfig, run
     work = tmp_path_factory.mktemp("sample_work")
-    run(JobConfig(dataset="sample", root=str(sample_raw), work_dir=str(work), part_size=4, num_cpus=2,
-                  stats="off"))
+    run(JobConfig(dataset="sample", root=str(sample_raw), work_dir=str(work), part_size=4, num_cpus=2))
     return work, "sample"

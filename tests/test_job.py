@@ -17,10 +17,11 @@ from PIL import Image
 
 from common.paths import proposals_dir
 from preprocess.datasets import list_images
-from preprocess.job import JOB_FILE, STAGES, JobConfig, JobError, read_parts, run
+from preprocess.job import JOB_FILE, JobConfig, JobError, read_parts, run
 from preprocess.mcg import decode_bitfield_png
 from preprocess.proposals import ProposalParams
 from preprocess.segments import decode_label_png
+from preprocess.stages import Stage
 from schemas import table_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,12 +176,9 @@ def bad_rows(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_inputs")
     cases = make_bad_inputs(root)
     work = tmp_path_factory.mktemp("bad_work")
-    STAGES.append(drop_lost_image)
-    try:
-        job = run(JobConfig(dataset="folder", root=str(root), work_dir=str(work), part_size=5, num_cpus=2,
-                            batch_size=1, max_pixels=200_000))  # one image a task: only lost.jpg is lost
-    finally:
-        STAGES.remove(drop_lost_image)
+    job = run(JobConfig(dataset="folder", root=str(root), work_dir=str(work), part_size=5, num_cpus=2,
+                        batch_size=1, max_pixels=200_000),  # one image a task: only lost.jpg is lost
+              [Stage("drop_lost", drop_lost_image)])
     rows = {r["source_path"]: r for r in read_parts(proposals_dir("folder", work)).to_pylist()}
     return cases, rows, job
 

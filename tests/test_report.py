@@ -13,26 +13,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from common.paths import proposals_dir
-from preprocess import report, stats
+from preprocess.audit import distance, gather, report
+from preprocess.audit import stats as make_stats
 from schemas.proposals import PROPOSALS
 
-SECTIONS = ["distance", "distribution", "examples", "proposals", "failures"]
-FAST = stats.StatsConfig(seed=1, pairs=2, size=64, batch_views=32)
+SECTIONS = ["distance", "distribution", "examples", "gallery", "proposals", "failures"]
+FAST = distance.StatsConfig(seed=1, pairs=2, size=64, batch_views=32)
 
 
 class Collect(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.ids, self.imgs = [], []
+        self.ids, self.imgs, self.panels = [], [], []
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if "id" in a:
             self.ids.append(a["id"])
-        if tag == "img":
-            self.imgs.append(a.get("src", ""))
+        if tag == "img":  # crop-pair examples in imgs, gallery panels in panels
+            (self.panels if "data-panel" in a else self.imgs).append(a.get("src", ""))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def audit_work(sample_parts, tmp_path_factory):
                                    "error": "DecodeError: <truncated> & bad"}])
     pq.write_table(failed, proposals_dir("scenes", work) / "part-09999.parquet")
     for ds in ("scenes", "subset"):
-        stats.run_stats(ds, FAST, random_weights=True, use_ray=False, work=work)
+        make_stats.run_stats(ds, FAST, random_weights=True, use_ray=False, work=work)
     return work
 
 
@@ -68,13 +70,16 @@ def check_page(out, datasets, top):
     parser = Collect()
     parser.feed(page)
     assert parser.ids == SECTIONS
-    # Self-contained: every image embedded, nothing fetched from elsewhere.
-    assert parser.imgs and all(src.startswith("data:image/jpeg;base64,") for src in parser.imgs)
-    assert not re.search(r'(src|href)="(http|file|/)', page)
+    # Self-contained: every image a file inside the report folder, nothing fetched from elsewhere.
+    assert parser.imgs and parser.panels
+    for src in parser.imgs + parser.panels:
+        assert src.startswith("img/") and (out / src).is_file(), src
+        assert Image.open(out / src).format == "JPEG"
+    assert not re.search(r'(src|href)="(http|file|/|data:)', page)
     for svg in re.findall(r"<svg.*?</svg>", page, flags=re.S):
         ET.fromstring(svg)  # well-formed XML, or the browser shows nothing
     assert "ECDF of per-image distances" in page and "Proposal size distribution" in page
-    for label, value in stats.PAPER_TABLE1.items():
+    for label, value in distance.PAPER_TABLE1.items():
         assert label in page and f"{value:.4f}" in page
     assert report.NOT_MEANINGFUL in page and page.count("not meaningful") >= 2 * len(datasets)
     assert ">NOT MEANINGFUL</text>" in page  # on the chart itself
@@ -123,7 +128,7 @@ def test_report_without_distances_says_run_stats(sample_parts, tmp_path):
     shutil.copytree(proposals_dir(name, src_work), proposals_dir("raw", tmp_path))
     for part in proposals_dir("raw", tmp_path).glob("part-*.parquet"):  # as made without weights
         t = pq.read_table(part)
-        for col in stats.STATS_COLUMNS:
+        for col in distance.STATS_COLUMNS:
             t = t.set_column(t.column_names.index(col), col, pa.nulls(t.num_rows, t.schema.field(col).type))
         pq.write_table(t, part)
     out = report.build_report(["raw"], "nostats", work=tmp_path, reps=100)
@@ -143,9 +148,9 @@ def test_report_missing_dataset_error(tmp_path, capsys, monkeypatch):
 def test_bootstrap_interval_covers_and_has_the_normal_width():
     rng = np.random.default_rng(5)
     x = rng.exponential(0.2, size=4000)
-    lo, hi = report.bootstrap_ci(x, reps=1000, seed=0)
+    lo, hi = gather.bootstrap_ci(x, reps=1000, seed=0)
     se = x.std(ddof=1) / np.sqrt(len(x))
     assert lo < x.mean() < hi
     assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
-    assert report.bootstrap_ci(np.array([0.3])) == (0.3, 0.3)
-    assert report.bootstrap_ci(np.array([])) == (None, None)
+    assert gather.bootstrap_ci(np.array([0.3])) == (0.3, 0.3)
+    assert gather.bootstrap_ci(np.array([])) == (None, None)

@@ -12,21 +12,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
-from torchvision.transforms import functional as TF
 
-from preprocess import stats
+from common.io import sha256_file
+from preprocess.audit import backbones, distance
+from preprocess.audit import stats as make_stats
+from preprocess.audit.stage import job_stage
+from audit_checks import direct_distances
 from preprocess.datasets import list_images
 from preprocess.decode import load_rgb
 from schemas import table_params
 from schemas.proposals import PROPOSALS
 
-SMALL = stats.StatsConfig(seed=3, pairs=2, size=64, batch_views=16)
+SMALL = distance.StatsConfig(seed=3, pairs=2, size=64, batch_views=16)
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(1)
-    return stats.ResNetDistance(random_weights=True, device="cpu")
+    return distance.FeatureDistance(random_weights=True, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -34,27 +37,9 @@ def images(sample_raw):
     return [(r.key, load_rgb(r.path)) for r in list_images("sample", sample_raw)[:4]]
 
 
-def direct_distances(net: torch.nn.Module, key: str, rgb: np.ndarray, cfg) -> np.ndarray:
-    """The statistic written out with torchvision's own pieces: PIL resized_crop, to_tensor,
-    normalize, full resnet50 with fc removed (its avgpool is the global mean)."""
-    from PIL import Image
-    img = Image.fromarray(rgb)
-    out = []
-    for pair in stats.crop_pairs(key, rgb.shape[1], rgb.shape[0], cfg):
-        ys = []
-        for x1, y1, x2, y2 in pair.tolist():
-            view = TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [cfg.size, cfg.size],
-                                   interpolation=TF.InterpolationMode.BILINEAR)
-            x = TF.normalize(TF.to_tensor(view), stats.IMAGENET_MEAN, stats.IMAGENET_STD)
-            with torch.no_grad():
-                ys.append(torch.nn.functional.normalize(net(x[None]), dim=1)[0])
-        out.append(float(((ys[0] - ys[1]) ** 2).sum()))
-    return np.array(out)
-
-
 def test_crops_follow_random_resized_crop():
-    cfg = stats.StatsConfig(seed=0, pairs=200)
-    boxes = stats.crop_pairs("img", 320, 240, cfg).reshape(-1, 4)
+    cfg = distance.StatsConfig(seed=0, pairs=200)
+    boxes = distance.crop_pairs("img", 320, 240, cfg).reshape(-1, 4)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 320).all() and (boxes[:, 3] <= 240).all()
     area = w * h / (320 * 240)
@@ -69,18 +54,18 @@ def test_crops_follow_random_resized_crop():
     assert area.mean() == pytest.approx(ref_area.mean(), abs=0.04)
     assert np.median(area) == pytest.approx(np.median(ref_area), abs=0.06)
     # A strip no 3/4..4/3 crop of 20%+ area fits in: torchvision's centre-crop fallback.
-    x1, y1, x2, y2 = stats.crop_pairs("strip", 1000, 10, cfg)[0, 0]
+    x1, y1, x2, y2 = distance.crop_pairs("strip", 1000, 10, cfg)[0, 0]
     assert (x2 - x1, y2 - y1) == (13, 10) and x1 == (1000 - 13) // 2
 
 
 def test_identical_views_give_zero(model, images):
     key, rgb = images[0]
-    boxes = stats.crop_pairs(key, rgb.shape[1], rgb.shape[0], SMALL)[:, 0]
-    views = stats.render_views(rgb, boxes, SMALL.size)
+    boxes = distance.crop_pairs(key, rgb.shape[1], rgb.shape[0], SMALL)[:, 0]
+    views = distance.render_views(rgb, boxes, SMALL.size)
     z = model.embed(np.concatenate([views, views]))
-    d = stats.pair_distance(z[:len(views)], z[len(views):])
+    d = distance.pair_distance(z[:len(views)], z[len(views):])
     assert np.abs(d).max() < 1e-6
-    other = stats.pair_distance(z[:1], z[1:2])  # two different crops
+    other = distance.pair_distance(z[:1], z[1:2])  # two different crops
     assert other[0] > 1e-5
 
 
@@ -89,8 +74,8 @@ def test_distance_range(model, images):
     assert d.shape == (len(images) * SMALL.pairs,)
     assert (d >= 0).all() and (d <= 4).all() and d.max() > 0
     u = np.eye(3, dtype=np.float32)
-    assert stats.pair_distance(u, -u).tolist() == [4.0, 4.0, 4.0]
-    assert stats.pair_distance(u, u[[1, 2, 0]]).tolist() == [2.0, 2.0, 2.0]
+    assert distance.pair_distance(u, -u).tolist() == [4.0, 4.0, 4.0]
+    assert distance.pair_distance(u, u[[1, 2, 0]]).tolist() == [2.0, 2.0, 2.0]
 
 
 def test_agrees_with_direct_torchvision_computation(model, images):
@@ -106,13 +91,13 @@ def test_agrees_with_direct_torchvision_computation(model, images):
 
 def test_deterministic_under_seed(model, images):
     first = dict(model.image_distances(images, SMALL))
-    again = dict(stats.ResNetDistance(random_weights=True).image_distances(images, SMALL))
+    again = dict(distance.FeatureDistance(random_weights=True).image_distances(images, SMALL))
     for key in first:
         np.testing.assert_array_equal(first[key], again[key])
-    other_seed = stats.StatsConfig(seed=4, pairs=2, size=64)
+    other_seed = distance.StatsConfig(seed=4, pairs=2, size=64)
     key, rgb = images[0]
-    assert not np.array_equal(stats.crop_pairs(key, 160, 160, SMALL),
-                              stats.crop_pairs(key, 160, 160, other_seed))
+    assert not np.array_equal(distance.crop_pairs(key, 160, 160, SMALL),
+                              distance.crop_pairs(key, 160, 160, other_seed))
     # Helper threads for loading and cropping change nothing, order included.
     threaded = list(model.image_distances(images, SMALL, prep_threads=3))
     assert [k for k, _ in threaded] == [k for k, _ in images]
@@ -126,19 +111,19 @@ def test_deterministic_under_seed(model, images):
 def test_missing_weights_error_names_file_url_and_place(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     monkeypatch.delenv("WEIGHTS", raising=False)
-    with pytest.raises(stats.MissingWeightsError) as err:
-        stats.find_weights()
+    with pytest.raises(backbones.MissingWeightsError) as err:
+        backbones.find_weights()
     text = str(err.value)
-    assert stats.WEIGHTS_URL in text
-    assert str(tmp_path / "hub" / "hub" / "checkpoints" / stats.WEIGHTS_NAME) in text
+    assert backbones.WEIGHTS_URL in text
+    assert str(tmp_path / "hub" / "hub" / "checkpoints" / backbones.WEIGHTS_NAME) in text
     assert "WEIGHTS=" in text
     monkeypatch.setenv("WEIGHTS", str(tmp_path / "nope.pth"))
-    with pytest.raises(stats.MissingWeightsError, match="nope.pth does not exist"):
-        stats.ResNetDistance()
-    garbage = tmp_path / stats.WEIGHTS_NAME
+    with pytest.raises(backbones.MissingWeightsError, match="nope.pth does not exist"):
+        distance.FeatureDistance()
+    garbage = tmp_path / backbones.WEIGHTS_NAME
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(stats.MissingWeightsError, match="not a loadable"):
-        stats.ResNetDistance(weights=garbage)
+    with pytest.raises(backbones.MissingWeightsError, match="not a loadable"):
+        distance.FeatureDistance(weights=garbage)
 
 
 def write_parts(work, dataset: str, root, records, per_part: int = 3) -> list:
@@ -175,7 +160,7 @@ def parts(tmp_path, sample_raw, monkeypatch):
 def test_make_stats_fills_columns_and_keeps_the_rest(parts, model, capsys):
     paths, root = parts
     before = [pq.read_table(p) for p in paths]
-    summary = stats.run_stats("mini", SMALL, random_weights=True, use_ray=False)
+    summary = make_stats.run_stats("mini", SMALL, random_weights=True, use_ray=False)
     assert summary["parts_written"] == len(paths) and summary["with_stats"] == 5
     assert summary["without_stats"] == 1  # the failed row, counted, not dropped
     after = [pq.read_table(p) for p in paths]
@@ -183,7 +168,7 @@ def test_make_stats_fills_columns_and_keeps_the_rest(parts, model, capsys):
     for old, new in zip(before, after):
         assert new.num_rows == old.num_rows
         for name in old.column_names:
-            if name not in stats.STATS_COLUMNS:
+            if name not in distance.STATS_COLUMNS:
                 assert new.column(name).equals(old.column(name)), name
         params = table_params(new.schema)
         assert params["job"] == "test" and params["stats"]["meaningful"] is False
@@ -198,10 +183,10 @@ def test_make_stats_fills_columns_and_keeps_the_rest(parts, model, capsys):
             assert row["resnet_distance_pairs"] == SMALL.pairs and row["stats_meaningful"] is False
     # A rerun with the same settings leaves the parts alone; new settings refresh them.
     mtimes = [p.stat().st_mtime_ns for p in paths]
-    assert stats.run_stats("mini", SMALL, random_weights=True, use_ray=False)["parts_written"] == 0
+    assert make_stats.run_stats("mini", SMALL, random_weights=True, use_ray=False)["parts_written"] == 0
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
-    other = stats.StatsConfig(seed=9, pairs=1, size=64)
-    assert stats.run_stats("mini", other, random_weights=True, use_ray=False)["parts_written"] == len(paths)
+    other = distance.StatsConfig(seed=9, pairs=1, size=64)
+    assert make_stats.run_stats("mini", other, random_weights=True, use_ray=False)["parts_written"] == len(paths)
     row = pq.read_table(paths[0]).to_pylist()[0]
     assert row["resnet_distance_pairs"] == 1 and row["resnet_distance_std"] is None
 
@@ -216,7 +201,7 @@ def test_unreadable_or_changed_image_gets_null_and_a_message(tmp_path, sample_ra
     small = load_rgb(records[1].path)[:40, :50]
     from PIL import Image
     Image.fromarray(small).save(root / records[1].relpath)
-    summary = stats.run_stats("gone", SMALL, random_weights=True, use_ray=False)
+    summary = make_stats.run_stats("gone", SMALL, random_weights=True, use_ray=False)
     assert summary["with_stats"] == 1 and summary["without_stats"] == 3  # + the failed row
     err = capsys.readouterr().err
     assert f"{root / records[0].relpath}: cannot read" in err
@@ -230,10 +215,10 @@ def test_unreadable_or_changed_image_gets_null_and_a_message(tmp_path, sample_ra
 def test_make_stats_without_weights_fails_clearly(parts, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     monkeypatch.delenv("WEIGHTS", raising=False)
-    assert stats.main(["--dataset", "mini", "--no-ray"]) == 2
+    assert make_stats.main(["--dataset", "mini", "--no-ray"]) == 2
     err = capsys.readouterr().err
-    assert stats.WEIGHTS_URL in err and stats.WEIGHTS_NAME in err
-    assert stats.main(["--dataset", "absent", "--random-weights", "--no-ray"]) == 2
+    assert backbones.WEIGHTS_URL in err and backbones.WEIGHTS_NAME in err
+    assert make_stats.main(["--dataset", "absent", "--random-weights", "--no-ray"]) == 2
     assert "make proposals DATASET=absent" in capsys.readouterr().err
 
 
@@ -245,20 +230,20 @@ def test_proposals_job_runs_the_stage_when_weights_exist(sample_raw, tmp_path, m
     downloaded here)."""
     import ray
     from preprocess.job import JobConfig, run
-    weights = tmp_path / stats.WEIGHTS_NAME
+    weights = tmp_path / backbones.WEIGHTS_NAME
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
-    digest = stats.sha256_file(weights)
+    digest = sha256_file(weights)
     monkeypatch.setenv("WEIGHTS", str(weights))
     work = tmp_path / "work"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         run(JobConfig(dataset="sample", root=str(sample_raw), work_dir=str(work), part_size=2,
-                      limit=3, num_cpus=2, stats="on"))
+                      limit=3, num_cpus=2), [job_stage("on")])
         paths = sorted(proposals_dir_of(work).glob("part-*.parquet"))
         rows = [r for p in paths for r in pq.read_table(p).to_pylist()]
-        current = stats.run_stats("sample", stats.StatsConfig(), use_ray=False, work=work)
-        again = stats.run_stats("sample", stats.StatsConfig(), force=True, work=work, batch_images=2)
+        current = make_stats.run_stats("sample", distance.StatsConfig(), use_ray=False, work=work)
+        again = make_stats.run_stats("sample", distance.StatsConfig(), force=True, work=work, batch_images=2)
     finally:
         ray.shutdown()
         weights.unlink()  # 100 MB; pytest keeps its last temporary folders
@@ -270,15 +255,15 @@ def test_proposals_job_runs_the_stage_when_weights_exist(sample_raw, tmp_path, m
     assert all(0 <= r["resnet_distance_mean"] <= 4 and r["resnet_distance_pairs"] == 4 for r in rows)
     assert all(r["stats_meaningful"] is True for r in rows)
     assert table_params(pq.read_schema(paths[0]))["stats"]["weights_sha256"] == digest
-    model = stats.ResNetDistance(random_weights=True, device="cpu")  # the same seed-0 weights
+    model = distance.FeatureDistance(random_weights=True, device="cpu")  # the same seed-0 weights
     key = rows[0]["key"]
     record = {r.key: r for r in list_images("sample", sample_raw)}[key]
-    d = dict(model.image_distances([(key, load_rgb(record.path))], stats.StatsConfig()))[key]
+    d = dict(model.image_distances([(key, load_rgb(record.path))], distance.StatsConfig()))[key]
     assert rows[0]["resnet_distance_mean"] == pytest.approx(float(d.mean()), rel=1e-4)
     assert current["parts_written"] == 0 and current["parts_skipped"] == len(paths)
     with pytest.raises(ValueError, match="--stats on: .*does not exist"):
         monkeypatch.setenv("WEIGHTS", str(tmp_path / "gone.pth"))
-        stats.job_stats_params(JobConfig(dataset="sample", root=str(sample_raw), stats="on"))
+        job_stage("on")
 
 
 def proposals_dir_of(work):
