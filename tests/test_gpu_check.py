@@ -1,0 +1,119 @@
+"""`make gpu-check` on a machine without a GPU: the GPU-vs-CPU graph harness runs here
+CPU-vs-CPU through the GPU graph's plan path (DALI decodes the JPEG bytes, windows in
+stored pixels), and must find equal batches equal and perturbed ones different, naming
+the recipe and key; the check itself says it has no GPU in one line and does nothing."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bench.gpu.compare import BIG_DIFF, MEAN_ABS_TOL, compare_batches, compare_graphs, first_batch
+
+pytest.importorskip("nvidia.dali")
+
+# The batch contract (docs/interfaces.md, "Loader"): what a plan decides, per recipe.
+PLAN_KEYS = {
+    "soco": {"boxes1_2", "ids1_2", "valid1_2", "boxes2", "ids2", "valid2", "boxes1_3", "ids1_3",
+             "valid1_3", "boxes3", "ids3", "valid3", "views", "index"},
+    "detcon": {"mask1", "mask2", "views", "index"},
+    "maskco": {"query_box", "key_boxes", "views", "index"},
+    "mocov2": {"views", "index"},
+}
+PLAN_KEYS["soco_star"] = PLAN_KEYS["soco"] | {"boxes4", "ids4", "valid4"}
+VIEWS = {"soco": {"view1", "view2", "view3"}, "soco_star": {"view1", "view2", "view3", "view4"},
+         "detcon": {"view1", "view2"}, "maskco": {"query", "key"}, "mocov2": {"query", "key"}}
+BATCH = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def soco_batch(sample_shards):
+    return first_batch("soco", sample_shards, BATCH, 0, None, "dali")
+
+
+@pytest.mark.parametrize("recipe", sorted(VIEWS))
+def test_the_cpu_graph_fed_the_gpu_graphs_plans_twice_agrees_exactly_on_every_key(recipe, sample_shards):
+    report = compare_graphs(recipe, sample_shards, plans_seed=0, device_a=None, device_b=None,
+                            batch_size=BATCH, decode="dali")
+    assert report["ok"], report["problems"]
+    assert set(report["exact"]) == PLAN_KEYS[recipe]
+    assert set(report["pixels"]) == VIEWS[recipe]
+    assert all(s["max_abs"] == 0.0 for s in report["pixels"].values()), report["pixels"]
+    assert report["devices"] == ["cpu", "cpu"] and report["decode"] == "dali"
+
+
+def test_a_different_plan_through_the_graph_is_caught_on_the_boxes_and_windows(sample_shards, soco_batch):
+    other = first_batch("soco", sample_shards, BATCH, 1, None, "dali")  # plans drawn from seed 1
+    report = compare_batches("soco", soco_batch, other, ("seed0", "seed1"))
+    assert not report["ok"]
+    named = " ".join(report["problems"])
+    assert "soco: views differs (seed0 vs seed1; must be equal)" in named
+    assert "soco: boxes2 differs" in named
+
+
+def test_one_moved_crop_window_is_named_with_its_recipe_key_and_sample(soco_batch):
+    moved = copy.deepcopy(soco_batch)
+    moved["views"][2, 1, 0] += 1.0  # sample 2, view2's x0 one pixel to the right
+    report = compare_batches("soco", soco_batch, moved, ("gpu", "cpu"))
+    assert report["problems"] == [
+        f"soco: views differs (gpu vs cpu; must be equal): 1 of {moved['views'].numel()} values differ, "
+        f"first sample 2 (shard index {int(soco_batch['index'][2])}) at [2, 1, 0]: "
+        f"{soco_batch['views'][2, 1, 0].item()} vs {moved['views'][2, 1, 0].item()}"]
+
+
+def test_one_changed_mask_label_is_caught_exactly(sample_shards):
+    batch = first_batch("detcon", sample_shards, BATCH, 0, None, "dali")
+    changed = copy.deepcopy(batch)
+    changed["mask2"][1, 5, 7] += 1
+    report = compare_batches("detcon", batch, changed)
+    assert len(report["problems"]) == 1
+    assert report["problems"][0].startswith("detcon: mask2 differs (a vs b; must be equal): 1 of ")
+    assert "mask2" not in report["exact"] and "mask1" in report["exact"]
+
+
+def add_levels(view: torch.Tensor, delta) -> torch.Tensor:
+    """`view` (one normalised [3,H,W] view) with `delta` added on the 0-255 scale."""
+    from train.loader.collate import STD
+    return view + torch.as_tensor(delta, dtype=view.dtype) / 255.0 / torch.tensor(STD).view(3, 1, 1)
+
+
+def test_one_samples_view_off_by_more_than_the_tolerance_is_caught_naming_the_sample(soco_batch):
+    off = copy.deepcopy(soco_batch)
+    off["view3"][3] = add_levels(off["view3"][3], 2 * MEAN_ABS_TOL)  # as a colour op skipped
+    report = compare_batches("soco", soco_batch, off, ("gpu", "cpu"))
+    assert len(report["problems"]) == 1, report["problems"]
+    assert report["problems"][0].startswith(
+        "soco: view3 pixels differ beyond tolerance (gpu vs cpu, 0-255 scale), worst sample 3 ")
+    stats = report["pixels"]["view3"]
+    assert stats["worst_sample_mean_abs"] == pytest.approx(2 * MEAN_ABS_TOL, rel=1e-4)
+    # averaged over the batch of 4 it would have passed: the bound is per sample
+    assert stats["mean_abs"] < MEAN_ABS_TOL
+
+
+def test_a_patch_of_badly_wrong_pixels_is_caught_but_decoder_sized_noise_is_not(soco_batch):
+    noisy = copy.deepcopy(soco_batch)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(BATCH):  # uniform noise of +-1 level on every value
+        noisy["view1"][i] = add_levels(noisy["view1"][i], torch.rand((3, 224, 224), generator=gen) * 2 - 1)
+    assert compare_batches("soco", soco_batch, noisy)["ok"]
+    patch = copy.deepcopy(soco_batch)
+    delta = torch.zeros(3, 224, 224)
+    delta[:, :40, :40] = 60.0  # 40x40 px (3% of the view) of sample 0, 60 levels off
+    patch["view2"][0] = add_levels(patch["view2"][0], delta)
+    report = compare_batches("soco", soco_batch, patch)
+    assert len(report["problems"]) == 1, report["problems"]
+    assert report["problems"][0].startswith(
+        f"soco: view2 pixels differ beyond tolerance (a vs b, 0-255 scale), worst sample 0 "
+        f"(shard index {int(soco_batch['index'][0])}): ")
+    stats = report["pixels"]["view2"]
+    assert stats["worst_sample_big_share"] == pytest.approx(40 * 40 / 224 ** 2, rel=1e-3)
+    assert stats["max_abs"] == pytest.approx(60, abs=1e-3) and BIG_DIFF < 60
