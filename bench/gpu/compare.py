@@ -140,13 +140,13 @@ def compare_batches(recipe: str, a: dict, b: dict, names: tuple[str, str] = ("a"
 
 def compare_graphs(recipe: str, shards, plans_seed: int, device_a: int | None,
                    device_b: int | None, batch_size: int = 8, decode: str = "dali",
-                   image_size: int | None = None, **overrides) -> dict:
+                   image_size: int | None = None, num_threads: int = 2, **overrides) -> dict:
     """One batch of `recipe` from the DALI graph on `device_a` and on `device_b` (None = CPU,
     an int = that CUDA device), both fed the plans drawn from `plans_seed`, compared by
     `compare_batches`. The report adds the devices, the decode path and the tolerance."""
     names = (device_name(device_a), device_name(device_b))
-    a = first_batch(recipe, shards, batch_size, plans_seed, device_a, decode, image_size, **overrides)
-    b = first_batch(recipe, shards, batch_size, plans_seed, device_b, decode, image_size, **overrides)
+    a, b = (first_batch(recipe, shards, batch_size, plans_seed, dev, decode, image_size, num_threads,
+                        **overrides) for dev in (device_a, device_b))
     report = compare_batches(recipe, a, b, names, pixel_keys(recipe, **overrides))
     report.update(devices=list(names), decode=decode, seed=plans_seed, batch_size=batch_size,
                   tolerance=PIXEL_TOL)
