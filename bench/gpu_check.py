@@ -54,7 +54,8 @@ def summary_line(name: str, rec: dict) -> str:
     return f"{name}: {rec['status']} in {rec['seconds']:.0f} s{err}"
 
 
-def main(argv=None) -> int:
+def main(argv=None, machine: dict | None = None) -> int:
+    """`machine`: nvidia-smi's answer as `bench.gpu.env.probe` gives it (None = ask it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venv", default=str(REPO / ".venv"), help="venv to build or reuse")
     ap.add_argument("--python", default=None,
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated steps to run (others: skipped)")
     a = ap.parse_args(argv)
 
-    machine = genv.probe()
+    machine = machine or genv.probe()
     if machine is None:
         print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi missing or lists none): "
               "nothing checked, nothing written")

@@ -14,8 +14,8 @@ from typing import BinaryIO, Iterator
 
 try:
     from zlib_ng.zlib_ng import crc32 as _simd_crc32
-except ImportError:  # only a bootstrap before the venv exists (bench/gpu_check.py) gets here
-    _simd_crc32 = None
+except ImportError:  # an interpreter without our venv (bench/gpu_check.py's bootstrap, a
+    from zlib import crc32 as _simd_crc32  # GPU machine's own Python): same values, slower
 
 CHUNK = 1 << 20
 _UMASK = os.umask(0o022)  # read once, restored at once: mkstemp makes 0600 files, and
@@ -53,8 +53,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def crc32(data) -> int:
     """zlib.crc32 of a bytes-like object, same value, from zlib-ng's SIMD code: about 15x
     faster here, which lets readers check every sample at disk speed."""
-    if _simd_crc32 is None:
-        raise ImportError("zlib-ng is not installed: run `make setup` (requirements.txt pins it)")
     return _simd_crc32(data)
 
 

@@ -5,13 +5,21 @@ the recipe and key; the check itself says it has no GPU in one line and does not
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench.gpu.compare import BIG_DIFF, MEAN_ABS_TOL, compare_batches, compare_graphs, first_batch
 
-pytest.importorskip("nvidia.dali")
+from train.loader import dali_available
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed: the graphs need it")
 
 # The batch contract (docs/interfaces.md, "Loader"): what a plan decides, per recipe.
 PLAN_KEYS = {
@@ -40,6 +48,7 @@ def soco_batch(sample_shards):
     return first_batch("soco", sample_shards, BATCH, 0, None, "dali")
 
 
+@needs_dali
 @pytest.mark.parametrize("recipe", sorted(VIEWS))
 def test_the_cpu_graph_fed_the_gpu_graphs_plans_twice_agrees_exactly_on_every_key(recipe, sample_shards):
     report = compare_graphs(recipe, sample_shards, plans_seed=0, device_a=None, device_b=None,
@@ -51,6 +60,7 @@ def test_the_cpu_graph_fed_the_gpu_graphs_plans_twice_agrees_exactly_on_every_ke
     assert report["devices"] == ["cpu", "cpu"] and report["decode"] == "dali"
 
 
+@needs_dali
 def test_a_different_plan_through_the_graph_is_caught_on_the_boxes_and_windows(sample_shards, soco_batch):
     other = first_batch("soco", sample_shards, BATCH, 1, None, "dali")  # plans drawn from seed 1
     report = compare_batches("soco", soco_batch, other, ("seed0", "seed1"))
@@ -60,6 +70,7 @@ def test_a_different_plan_through_the_graph_is_caught_on_the_boxes_and_windows(s
     assert "soco: boxes2 differs" in named
 
 
+@needs_dali
 def test_one_moved_crop_window_is_named_with_its_recipe_key_and_sample(soco_batch):
     moved = copy.deepcopy(soco_batch)
     moved["views"][2, 1, 0] += 1.0  # sample 2, view2's x0 one pixel to the right
@@ -70,6 +81,7 @@ def test_one_moved_crop_window_is_named_with_its_recipe_key_and_sample(soco_batc
         f"{soco_batch['views'][2, 1, 0].item()} vs {moved['views'][2, 1, 0].item()}"]
 
 
+@needs_dali
 def test_one_changed_mask_label_is_caught_exactly(sample_shards):
     batch = first_batch("detcon", sample_shards, BATCH, 0, None, "dali")
     changed = copy.deepcopy(batch)
@@ -86,6 +98,7 @@ def add_levels(view: torch.Tensor, delta) -> torch.Tensor:
     return view + torch.as_tensor(delta, dtype=view.dtype) / 255.0 / torch.tensor(STD).view(3, 1, 1)
 
 
+@needs_dali
 def test_one_samples_view_off_by_more_than_the_tolerance_is_caught_naming_the_sample(soco_batch):
     off = copy.deepcopy(soco_batch)
     off["view3"][3] = add_levels(off["view3"][3], 2 * MEAN_ABS_TOL)  # as a colour op skipped
@@ -99,6 +112,7 @@ def test_one_samples_view_off_by_more_than_the_tolerance_is_caught_naming_the_sa
     assert stats["mean_abs"] < MEAN_ABS_TOL
 
 
+@needs_dali
 def test_a_patch_of_badly_wrong_pixels_is_caught_but_decoder_sized_noise_is_not(soco_batch):
     noisy = copy.deepcopy(soco_batch)
     gen = torch.Generator().manual_seed(0)
@@ -117,3 +131,87 @@ def test_a_patch_of_badly_wrong_pixels_is_caught_but_decoder_sized_noise_is_not(
     stats = report["pixels"]["view2"]
     assert stats["worst_sample_big_share"] == pytest.approx(40 * 40 / 224 ** 2, rel=1e-3)
     assert stats["max_abs"] == pytest.approx(60, abs=1e-3) and BIG_DIFF < 60
+
+
+# ------------------------------------------------------------------ the command itself
+REPO = Path(__file__).resolve().parents[1]
+
+
+def no_gpu_here() -> bool:
+    from bench.gpu.env import probe
+    return probe() is None
+
+
+@pytest.mark.skipif(not no_gpu_here(), reason="this machine has an NVIDIA GPU: the no-GPU path does not apply")
+def test_make_gpu_check_without_a_gpu_says_so_in_one_line_and_does_nothing(tmp_path):
+    out, venv, work = tmp_path / "gpu.json", tmp_path / "venv", tmp_path / "work"
+    p = subprocess.run(["make", "--no-print-directory", "gpu-check", f"GPU_CHECK_ARGS=--out {out} --venv {venv} --work {work}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["gpu-check: no NVIDIA GPU on this machine (nvidia-smi missing or "
+                                     "lists none): nothing checked, nothing written"]
+    assert not out.exists() and not venv.exists() and not work.exists()
+
+
+ONE_GPU = {"gpus": [{"index": 0, "name": "stand-in for the probe", "memory_mib": 1.0, "compute_cap": "9.0"}],
+           "driver": "580.0", "cuda": "13.0"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a GPU here: the no-CUDA venv path does not apply")
+def test_an_interpreter_whose_torch_sees_no_gpu_stops_the_check_and_says_why_in_gpu_json(tmp_path):
+    """The orchestrator as on a GPU machine (only nvidia-smi's answer is given), with this
+    CPU venv as --python: the venv step verifies it for real, finds no CUDA device, and
+    every later step is recorded as skipped with that reason."""
+    from bench.gpu_check import FORMAT_VERSION, main
+    out = tmp_path / "gpu.json"
+    rc = main(["--python", sys.executable, "--out", str(out), "--work", str(tmp_path / "w")], machine=ONE_GPU)
+    assert rc == 1
+    report = json.loads(out.read_text())
+    assert report["format"] == FORMAT_VERSION and report["machine"]["driver"] == "580.0"
+    venv = report["steps"]["venv"]
+    assert venv["status"] == "failed" and "sees no CUDA device" in venv["error"]
+    assert report["versions"]["torch"] == torch.__version__
+    later = {n: r for n, r in report["steps"].items() if n != "venv"}
+    assert set(later) == {"demo", "train", "compare", "timing", "nccl"}
+    assert all(r["status"] == "skipped" and r["error"].startswith("no usable venv: ") for r in later.values())
+
+
+def test_a_step_that_hangs_is_stopped_at_its_limit_with_its_whole_process_group(tmp_path):
+    from bench.gpu.steps import run_step
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time; "
+              f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(60)")
+    t0 = time.perf_counter()
+    rec = run_step("hang", [sys.executable, "-c", script, "--"], limit_s=3)
+    assert time.perf_counter() - t0 < 20
+    assert rec["status"] == "timeout" and rec["result"] is None
+    assert rec["error"].startswith("stopped after its 3 s limit; output tail:\nstarted")
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init shortly after the kill
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {grandchild} outlived the timeout")
+
+
+def test_a_step_reports_its_result_its_own_skip_or_its_failure_with_the_output_tail(tmp_path):
+    from bench.gpu.steps import run_step
+    write = "import json, sys; json.dump({}, open(sys.argv[sys.argv.index('--result') + 1], 'w'))"
+    ok = run_step("ok", [sys.executable, "-c", write.format('{"images_per_s": 12.5}')], 30)
+    assert ok["status"] == "ok" and ok["result"] == {"images_per_s": 12.5} and ok["error"] is None
+    skip = run_step("skip", [sys.executable, "-c", write.format('{"status": "skipped", "error": "1 GPU"}')], 30)
+    assert skip["status"] == "skipped" and skip["error"] == "1 GPU"
+    bad = run_step("bad", [sys.executable, "-c", "import sys; print('boom: the reason'); sys.exit(3)"], 30)
+    assert bad["status"] == "failed" and bad["error"] == "exit code 3; output tail:\nboom: the reason"
+
+
+@pytest.mark.parametrize("driver_cuda, want", [
+    ("13.0", "nvidia-dali-cuda120==2.4.0"), ("12.2", "nvidia-dali-cuda120==2.4.0"),
+    ("11.8", "nvidia-dali-cuda110==2.4.0"), ("10.2", None), (None, None)])
+def test_the_dali_wheel_follows_the_cuda_version_the_driver_supports(driver_cuda, want):
+    from bench.gpu.env import choose_dali
+    assert choose_dali(driver_cuda, "nvidia-dali-cuda120==2.4.0")[0] == want

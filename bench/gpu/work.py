@@ -75,6 +75,11 @@ def photo_shards(a: Args) -> Path:
     return root / "shards"
 
 
+def loader_backend() -> str:
+    from train.loader import dali_available
+    return "dali" if dali_available() else "reference (nvidia-dali is not installed)"
+
+
 def shards_for(a: Args) -> tuple[Path, str]:
     if a.shards and Path(a.shards).is_dir():
         return Path(a.shards), "demo (built-in sample)"
@@ -166,7 +171,7 @@ def check_train(a: Args) -> dict:
     """One step of every method's small recipe through train/pretrain.py, all configs at
     once (tiny models share the GPU), each under the step's limit: finite losses."""
     shards, which = shards_for(a)
-    out = {"shards": which, "configs": {}}
+    out = {"shards": which, "loader": loader_backend(), "configs": {}}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = {}
     t0 = time.perf_counter()
@@ -253,6 +258,8 @@ def loader_rate(a: Args, recipe: str, shards: Path, batch: int, batches: int, de
 def time_loaders(a: Args, shards: Path) -> dict:
     """Loader img/s per recipe, decode on the GPU (DALI mixed) with the batch the R50 step
     uses; the SoCo loader on the CPU (feeder decode, same threads) as the in-process baseline."""
+    if loader_backend() != "dali":
+        return {"status": "skipped", "error": "nvidia-dali is not installed: no GPU loader to time"}
     batch, batches = (64, 6) if a.gpu else (4, 2)
     out = {"batch": batch, "threads": a.threads, "recipes": {}}
     for recipe in RECIPES:
@@ -319,7 +326,7 @@ def time_r50(a: Args, shards: Path) -> dict:
     steps, warmup = (15, 3) if a.gpu else (4, 1)
     run_dir = a.work / "r50"
     overrides = r50_config(a, shards, run_dir, steps)
-    out = {"config": "train/configs/soco_r50_fpn.yaml", "overrides": overrides}
+    out = {"config": "train/configs/soco_r50_fpn.yaml", "overrides": overrides, "loader": loader_backend()}
     rc, text, s = sh([sys.executable, "train/pretrain.py", "--config", "train/configs/soco_r50_fpn.yaml",
                       *overrides], a.limit / 2)
     recs = step_records(run_dir)[warmup:]
@@ -375,7 +382,9 @@ def check_timing(a: Args) -> dict:
         try:
             out[name] = fn()
         except Exception as e:  # one failed figure must not hide the others
-            out[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            import traceback
+            out[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
+                         "where": tail(traceback.format_exc(), 1200)}
             failed.append(name)
         out[name]["seconds"] = round(time.perf_counter() - t0, 2)
     if out.get("r50_soco_fpn", {}).get("trainer", {}).get("status") not in (None, "ok"):
@@ -428,7 +437,7 @@ def check_nccl(a: Args) -> dict:
     w0 = init.state_dict()
     s1 = torch.load(a.work / "nccl" / "one" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
     s2 = torch.load(a.work / "nccl" / "two" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
-    keys = [k for k, v in w0.items() if v.is_floating_point() and not k.startswith("target")
+    keys = [k for k, v in w0.items() if v.is_floating_point() and not k.split(".")[0].startswith("target")
             and "running_" not in k]
     w0f, w1f, w2f = (flat_weights(s, keys) for s in (w0, s1, s2))
     moved = float((w1f - w0f).norm())
