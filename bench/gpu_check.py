@@ -66,8 +66,17 @@ def main(argv=None, machine: dict | None = None) -> int:
     ap.add_argument("--work", default=None, help="scratch folder (default WORK_DIR/gpu-check)")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all steps together")
     ap.add_argument("--only", default=None, help="comma-separated steps to run (others: skipped)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: run every step's code on the CPU with small sizes, as a smoke test of "
+                         "this script on a machine without a GPU (needs --python; figures mean nothing)")
     a = ap.parse_args(argv)
 
+    smoke = a.device == "cpu"
+    if smoke:
+        if not a.python or a.out == str(RESULTS):
+            ap.error("--device cpu needs --python and an --out other than bench/results/gpu.json")
+        machine = {"gpus": [{"index": 0, "name": "none (--device cpu smoke test)", "memory_mib": 0,
+                             "compute_cap": None}], "driver": None, "cuda": None}
     machine = machine or genv.probe()
     if machine is None:
         print("gpu-check: no NVIDIA GPU on this machine (nvidia-smi missing or lists none): "
@@ -89,7 +98,7 @@ def main(argv=None, machine: dict | None = None) -> int:
 
     def step(name: str, cmd: list[str]) -> dict:
         left = deadline - time.perf_counter()
-        if only is not None and name not in only:
+        if only is not None and name not in only and name != "venv":  # the venv is always needed
             rec = skipped("not in --only")
         elif left < 5:
             rec = skipped(f"the {a.budget:.0f} s budget was spent before this step")
@@ -103,14 +112,15 @@ def main(argv=None, machine: dict | None = None) -> int:
         write_results(Path(a.out), report)  # a later hang or kill still leaves what was learnt
         return rec
 
-    venv_cmd = [sys.executable, "-m", "bench.gpu.env", "--venv", a.venv, "--driver-cuda", str(machine["cuda"])]
+    venv_cmd = [sys.executable, "-m", "bench.gpu.env", "--venv", a.venv]
+    venv_cmd += ["--driver-cuda", machine["cuda"]] if machine.get("cuda") else []
     venv_cmd += ["--python", a.python] if a.python else []
     venv_cmd += ["--wheels", a.wheels] if a.wheels else []
     v = step("venv", venv_cmd)
     found = v.get("result") or {}
     report["versions"] = {k: found.get(k) for k in ("python", "torch", "torch_cuda", "cudnn", "nccl", "dali")}
     report["devices"] = found.get("devices")
-    if not found.get("cuda_available"):
+    if not found.get("cuda_available") and not smoke:
         why = v.get("error") or "torch sees no CUDA device"
         for name in LIMITS:
             if name != "venv":
@@ -119,8 +129,9 @@ def main(argv=None, machine: dict | None = None) -> int:
         write_results(Path(a.out), report)
         say(f"stopped: the venv is not usable ({why.splitlines()[0][:300]}); wrote {a.out}")
         return 1
-    py = found["python"] if "python" in found else str(genv.venv_python(Path(a.venv)))
-    work_cmd = lambda check, *extra: [py, "-m", "bench.gpu.work", check, "--work", str(work), *extra]  # noqa: E731
+    py = found.get("executable") or found["interpreter"]
+    work_cmd = lambda check, *extra: [py, "-m", "bench.gpu.work", check, "--work", str(work),  # noqa: E731
+                                      "--device", a.device, *extra]
 
     d = step("demo", work_cmd("demo"))
     shards = ["--shards", d["result"]["shards"]] if d["status"] == "ok" else []
@@ -130,7 +141,7 @@ def main(argv=None, machine: dict | None = None) -> int:
     else:
         report["steps"]["compare"] = skipped("nvidia-dali is not installed in the venv")
     step("timing", work_cmd("timing"))
-    if len(machine["gpus"]) >= 2:
+    if len(machine["gpus"]) >= 2 or smoke:
         step("nccl", work_cmd("nccl", *shards))
     else:
         report["steps"]["nccl"] = skipped(f"{len(machine['gpus'])} GPU: the 2-rank check needs 2 or more")

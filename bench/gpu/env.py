@@ -127,12 +127,12 @@ def main(argv=None) -> int:
     out = {"requirements": {"torch": pinned("torch=="), "dali": pinned("nvidia-dali")}}
     if a.python:
         py = Path(a.python)
-        out.update(venv=None, python=str(py), built=False,
+        out.update(venv=None, interpreter=str(py), built=False,
                    note="--python given: no venv built; the pinned versions may not be those installed")
     else:
         venv = Path(a.venv).resolve()
         dali, why = choose_dali(a.driver_cuda, out["requirements"]["dali"])
-        out.update(venv=str(venv), python=str(venv_python(venv)), dali_choice=dali, dali_why=why)
+        out.update(venv=str(venv), interpreter=str(venv_python(venv)), dali_choice=dali, dali_why=why)
         if dali is None:
             out.update(status="failed", error=f"no DALI wheel for this driver: {why}")
             Path(a.result).write_text(json.dumps(out))

@@ -52,9 +52,13 @@ def run_step(name: str, cmd: list[str], limit_s: float, env: dict | None = None,
         out_path = Path(tmp) / "output.txt"
         t0 = time.perf_counter()
         with open(out_path, "w") as out:
-            proc = subprocess.Popen(cmd + ["--result", str(result_path)], stdout=out,
-                                    stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                    start_new_session=True)
+            try:
+                proc = subprocess.Popen(cmd + ["--result", str(result_path)], stdout=out,
+                                        stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                        start_new_session=True)
+            except OSError as e:
+                return {"status": "failed", "seconds": 0.0, "result": None,
+                        "error": f"{name}: could not start {cmd[0]}: {e}"}
             try:
                 rc = proc.wait(timeout=max(limit_s, 1))
                 status = "ok" if rc == 0 else "failed"

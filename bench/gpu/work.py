@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,13 @@ class Args:
         self.work.mkdir(parents=True, exist_ok=True)
         self.device_id = 0 if self.gpu else None
         self.threads = max(1, min(8, (os.cpu_count() or 2) - 1)) if self.gpu else 1
+
+
+def fresh(path: Path) -> Path:
+    """An empty run folder: the trainer resumes from a checkpoint it finds, a rerun must not."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def sh(cmd: list, timeout: float, env: dict | None = None) -> tuple[int | None, str, float]:
@@ -95,7 +103,9 @@ def check_env(a: Args) -> dict:
            "cuda_available": torch.cuda.is_available(), "device_count": torch.cuda.device_count()}
     problems = []
     if torch.cuda.is_available():
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None
+        import torch.distributed as dist
+        v = torch.cuda.nccl.version() if dist.is_nccl_available() else None
+        out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else v
         out["devices"] = [{"name": torch.cuda.get_device_name(i),
                            "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
                            "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
@@ -136,7 +146,7 @@ def check_env(a: Args) -> dict:
 # ------------------------------------------------------------------ demo
 def check_demo(a: Args) -> dict:
     """make demo's first stages on the built-in sample: sample, proposals, shards, verify."""
-    work = a.work / "demo"
+    work = fresh(a.work / "demo")
     env = {"WORK_DIR": str(work)}
     py = sys.executable
     size = [] if a.gpu else ["--scene", "6", "--object", "2", "--min-side", "128", "--max-side", "192"]
@@ -176,7 +186,7 @@ def check_train(a: Args) -> dict:
     procs = {}
     t0 = time.perf_counter()
     for name in SMALL_CONFIGS:
-        run_dir = a.work / "train" / name
+        run_dir = fresh(a.work / "train" / name)
         cmd = [sys.executable, "train/pretrain.py", "--config", f"train/configs/{name}.yaml",
                *train_overrides(a, shards, run_dir), "train.steps=1", "train.checkpoint_every=0"]
         log = open(a.work / f"train_{name}.log", "w+")
@@ -271,7 +281,8 @@ def time_loaders(a: Args, shards: Path) -> dict:
 
 
 def r50_config(a: Args, shards: Path, out: Path, steps: int) -> list[str]:
-    size = [] if a.gpu else ["model.backbone=resnet18", "model.width=8", "data.image_size=32"]
+    size = [] if a.gpu else ["model.backbone=resnet18", "model.width=16", "data.image_size=64",
+                             "train.precision=fp32"]
     return [*train_overrides(a, shards, out), f"data.batch_size={64 if a.gpu else 4}",
             f"data.num_workers={a.threads}", f"train.steps={steps}", "train.checkpoint_every=100000",
             *size]
@@ -324,7 +335,7 @@ def time_r50(a: Args, shards: Path) -> dict:
     (train/pretrain.py: DALI on the GPU, background prefetch) for img/s and data-wait
     share, and the compute-only step on a cached batch for peak memory and the ratio."""
     steps, warmup = (15, 3) if a.gpu else (4, 1)
-    run_dir = a.work / "r50"
+    run_dir = fresh(a.work / "r50")
     overrides = r50_config(a, shards, run_dir, steps)
     out = {"config": "train/configs/soco_r50_fpn.yaml", "overrides": overrides, "loader": loader_backend()}
     rc, text, s = sh([sys.executable, "train/pretrain.py", "--config", "train/configs/soco_r50_fpn.yaml",
@@ -424,6 +435,7 @@ def check_nccl(a: Args) -> dict:
               "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                       "train/pretrain.py"]}
     for name, head in launch.items():
+        fresh(a.work / "nccl" / name)
         rc, text, s = sh([*head, "--config", config, *common, f"train.out={a.work / 'nccl' / name}"], per)
         out["runs"][name] = {"seconds": round(s, 2), "status": "ok" if rc == 0 else "failed",
                              **({} if rc == 0 else {"error": tail(text)})}
