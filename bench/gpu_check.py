@@ -120,6 +120,11 @@ def main(argv=None, machine: dict | None = None) -> int:
     found = v.get("result") or {}
     report["versions"] = {k: found.get(k) for k in ("python", "torch", "torch_cuda", "cudnn", "nccl", "dali")}
     report["devices"] = found.get("devices")
+    pins = found.get("requirements") or {}
+    report["pinned"] = {k: pins.get(k) for k in ("torch", "dali")}
+    report["versions_match_pins"] = {
+        k: bool(pins.get(k) and found.get(k) and found[k].split("+")[0] == pins[k].split("==")[-1])
+        for k in ("torch", "dali")}
     if not found.get("cuda_available") and not smoke:
         why = v.get("error") or "torch sees no CUDA device"
         for name in LIMITS:

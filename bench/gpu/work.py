@@ -327,6 +327,7 @@ def time_r50_compute(a: Args, overrides: list[str], steps: int) -> dict:
            "steps_timed": len(warm), "losses_finite": all(map(math.isfinite, losses))}
     if a.gpu:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     return out
 
 
