@@ -8,6 +8,7 @@ stopped (SIGTERM to its process group, SIGKILL 5 s later), so one hang costs at 
 own limit."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -62,6 +63,8 @@ def run_step(name: str, cmd: list[str], limit_s: float, env: dict | None = None,
             try:
                 rc = proc.wait(timeout=max(limit_s, 1))
                 status = "ok" if rc == 0 else "failed"
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # whatever the step left running
             except subprocess.TimeoutExpired:
                 stop_group(proc)
                 rc, status = None, "timeout"

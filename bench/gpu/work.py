@@ -47,16 +47,20 @@ def fresh(path: Path) -> Path:
 
 
 def sh(cmd: list, timeout: float, env: dict | None = None) -> tuple[int | None, str, float]:
-    """(exit code or None on timeout, output, seconds) of a child command."""
+    """(exit code or None on timeout, output, seconds) of a child command, run in its own
+    process group, which is ended on timeout (torchrun's ranks, Ray's workers included)."""
+    from bench.gpu.steps import stop_group
     t0 = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
     try:
-        p = subprocess.run([str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-        return p.returncode, p.stdout, time.perf_counter() - t0
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return None, out + f"\n(stopped after {timeout:.0f} s)", time.perf_counter() - t0
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out, time.perf_counter() - t0
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        out, _ = proc.communicate()
+        return None, (out or "") + f"\n(stopped after {timeout:.0f} s)", time.perf_counter() - t0
 
 
 def tail(text: str, n: int = 1500) -> str:
@@ -180,6 +184,7 @@ def train_overrides(a: Args, shards: Path, out: Path) -> list[str]:
 def check_train(a: Args) -> dict:
     """One step of every method's small recipe through train/pretrain.py, all configs at
     once (tiny models share the GPU), each under the step's limit: finite losses."""
+    from bench.gpu.steps import stop_group
     shards, which = shards_for(a)
     out = {"shards": which, "loader": loader_backend(), "configs": {}}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -190,14 +195,14 @@ def check_train(a: Args) -> dict:
         cmd = [sys.executable, "train/pretrain.py", "--config", f"train/configs/{name}.yaml",
                *train_overrides(a, shards, run_dir), "train.steps=1", "train.checkpoint_every=0"]
         log = open(a.work / f"train_{name}.log", "w+")
-        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True), log)
     bad = []
     for name, (proc, log) in procs.items():
         try:
             rc = proc.wait(timeout=max(1.0, a.limit - 5 - (time.perf_counter() - t0)))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            stop_group(proc)
             rc = None
         log.seek(0)
         text = log.read()
