@@ -35,13 +35,14 @@ def device_name(device_id: int | None) -> str:
     return "cpu" if device_id is None else f"cuda:{device_id}"
 
 
-def first_batch(recipe: str, shards, batch_size: int, seed: int, device_id: int | None,
-                decode: str = "dali", image_size: int | None = None, num_threads: int = 2,
-                **overrides) -> dict:
-    """The first batch of epoch 0 from the DALI graph on `device_id` (None = CPU), every
-    tensor moved to the CPU. decode "dali" is the GPU graph's plan path (JPEG bytes and
-    windows in stored pixels into the graph; "mixed" decode on a GPU); "feeder" decodes in
-    Python. The plans depend on (seed, epoch, slot) only, never on the device."""
+def graph_batches(recipe: str, shards, batch_size: int, seed: int, device_id: int | None,
+                  decode: str = "dali", image_size: int | None = None, num_threads: int = 2,
+                  batches: int | None = None, **overrides):
+    """Epoch 0's batches (the first `batches` of them) from the DALI graph on `device_id`
+    (None = CPU), as `train.loader.dali_pipeline.iterate` yields them (GPU tensors on a GPU).
+    decode "dali" is the GPU graph's plan path (JPEG bytes and windows in stored pixels into
+    the graph; "mixed" decode on a GPU); "feeder" decodes in Python; "auto" as the loader.
+    The plans depend on (seed, epoch, slot) only, never on the device."""
     from train.loader import build_loader, dali_available
     if not dali_available():
         raise RuntimeError("nvidia-dali is not installed: the graph comparison needs it "
@@ -51,9 +52,17 @@ def first_batch(recipe: str, shards, batch_size: int, seed: int, device_id: int 
     # passed to iterate explicitly, because build_loader maps None to "the current GPU"
     loader = build_loader(recipe, shards, batch_size, seed=seed, backend="dali",
                           image_size=image_size, decode=decode, **overrides)
-    batches = loader.split.batches(0)[:1]
-    it = dali_pipeline.iterate(loader.recipe, loader.source, batches, 0, loader.split.seed,
-                               batch_size, num_threads, device_id, decode)
+    chosen = loader.split.batches(0)[:batches]
+    return dali_pipeline.iterate(loader.recipe, loader.source, chosen, 0, loader.split.seed,
+                                 batch_size, num_threads, device_id, decode)
+
+
+def first_batch(recipe: str, shards, batch_size: int, seed: int, device_id: int | None,
+                decode: str = "dali", image_size: int | None = None, num_threads: int = 2,
+                **overrides) -> dict:
+    """The first batch of `graph_batches`, every tensor moved to the CPU."""
+    it = graph_batches(recipe, shards, batch_size, seed, device_id, decode, image_size, num_threads,
+                       batches=1, **overrides)
     try:
         batch = next(it)
     finally:

@@ -252,21 +252,18 @@ def sync(a: Args) -> None:
 
 
 def loader_rate(a: Args, recipe: str, shards: Path, batch: int, batches: int, device_id) -> dict:
-    from train.loader import build_loader
-    loader = build_loader(recipe, shards, batch, seed=0, backend="dali", device_id=device_id,
-                          num_workers=a.threads)
-    it = iter(loader)
+    """img/s of the loader's DALI graph on `device_id` (None = CPU) after its first batch;
+    decode as the loader's default: nvJPEG on a GPU, the feeder's on the CPU."""
+    from bench.gpu.compare import graph_batches
+    it = graph_batches(recipe, shards, batch, 0, device_id, "auto", num_threads=a.threads,
+                       batches=batches + 1)
     t0 = time.perf_counter()
     next(it)  # pipeline start-up + first batch
     sync(a)
     t1 = time.perf_counter()
-    n = 0
-    for _ in range(batches):
-        next(it)
-        n += batch
+    n = sum(batch for _ in it)
     sync(a)
     wall = time.perf_counter() - t1
-    it.close()
     return {"images_per_s": n / wall, "images": n, "startup_s": round(t1 - t0, 2)}
 
 
