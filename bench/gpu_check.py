@@ -131,7 +131,9 @@ def main(argv=None, machine: dict | None = None) -> int:
             if name != "venv":
                 report["steps"][name] = skipped("no usable venv: " + why.splitlines()[0][:300])
         report["seconds"] = round(time.perf_counter() - start, 1)
+        report["failed"] = ["venv"]
         write_results(Path(a.out), report)
+        log.close()
         say(f"stopped: the venv is not usable ({why.splitlines()[0][:300]}); wrote {a.out}")
         return 1
     py = found.get("executable") or found["interpreter"]

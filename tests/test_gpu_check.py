@@ -176,6 +176,7 @@ def test_an_interpreter_whose_torch_sees_no_gpu_stops_the_check_and_says_why_in_
     later = {n: r for n, r in report["steps"].items() if n != "venv"}
     assert set(later) == {"demo", "train", "compare", "timing", "nccl"}
     assert all(r["status"] == "skipped" and r["error"].startswith("no usable venv: ") for r in later.values())
+    assert report["failed"] == ["venv"]
 
 
 def test_a_step_that_hangs_is_stopped_at_its_limit_with_its_whole_process_group(tmp_path):
