@@ -225,3 +225,23 @@ def test_a_step_reports_its_result_its_own_skip_or_its_failure_with_the_output_t
 def test_the_dali_wheel_follows_the_cuda_version_the_driver_supports(driver_cuda, want):
     from bench.gpu.env import choose_dali
     assert choose_dali(driver_cuda, "nvidia-dali-cuda120==2.4.0")[0] == want
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine: the offline-build path is exercised there for real")
+def test_a_venv_that_cannot_be_installed_offline_stops_the_check_naming_the_missing_wheel(tmp_path):
+    """As on a GPU machine without a package index: --wheels points at an empty folder, so
+    pip (run for real, offline) finds no torch; the check stops and says how to go on."""
+    from bench.gpu_check import main
+    (tmp_path / "wheels").mkdir()
+    out = tmp_path / "gpu.json"
+    rc = main(["--venv", str(tmp_path / "venv"), "--wheels", str(tmp_path / "wheels"), "--out", str(out),
+               "--work", str(tmp_path / "w")], machine=ONE_GPU)
+    assert rc == 1
+    venv = json.loads(out.read_text())["steps"]["venv"]
+    assert venv["status"] == "failed"
+    assert venv["error"].startswith("the venv could not be built: install requirements.txt failed")
+    assert "torch==2.14.1" in venv["error"].split(" -- ")[0]  # pip's own words about the missing wheel
+    assert venv["error"].endswith(f"-- {tmp_path / 'wheels'} lacks wheels it needs: fill it with `pip download "
+                                  "-r requirements.txt -d DIR` for this machine's Python and platform, or run "
+                                  "the checks with an interpreter that has torch with CUDA: --python /path/to/python")
+    assert venv["result"]["dali_choice"] == "nvidia-dali-cuda120==2.4.0"

@@ -95,7 +95,7 @@ def run(cmd: list, what: str) -> str | None:
     print(p.stdout[-4000:], flush=True)
     if p.returncode == 0:
         return None
-    return f"{what} failed (exit {p.returncode}): {p.stdout.strip()[-1500:]}"
+    return f"{what} failed (exit {p.returncode}): {p.stdout.strip()[:1500]}"
 
 
 def build(venv: Path, dali: str, wheels: str | None, base_python: str) -> str | None:
@@ -108,10 +108,12 @@ def build(venv: Path, dali: str, wheels: str | None, base_python: str) -> str | 
     index = ["--no-index", "--find-links", wheels] if wheels else ["--retries", "1", "--timeout", "20"]
     err = run([venv_python(venv), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                *index, "-r", req], "install requirements.txt")
-    if err and not wheels:
-        err += (" -- without a package index, pre-download the wheels (pip download -r "
-                "requirements.txt -d DIR) and pass --wheels DIR, or run the checks with an "
-                "interpreter that has torch with CUDA: --python /path/to/python")
+    if err:
+        err += (f" -- {wheels} lacks wheels it needs: fill it with `pip download -r requirements.txt -d DIR` "
+                "for this machine's Python and platform" if wheels else
+                " -- without a package index, pre-download the wheels (pip download -r "
+                "requirements.txt -d DIR) and pass --wheels DIR")
+        err += ", or run the checks with an interpreter that has torch with CUDA: --python /path/to/python"
     return err
 
 
