@@ -225,20 +225,26 @@ def check_train(a: Args) -> dict:
 
 # ------------------------------------------------------------------ compare
 def check_compare(a: Args) -> dict:
-    """One batch of every recipe from the GPU graph and the CPU graph with the same plans."""
+    """One batch of every recipe from the GPU graph and the CPU graph with the same plans,
+    with DALI's decoder and the feeder's, on the demo's shards (the built-in sample: flat
+    synthetic shapes) and on photo-like textured shards (where a misplaced window shows
+    most: see bench/gpu/compare.py)."""
     from bench.gpu.compare import PIXEL_TOL, compare_graphs
-    shards, which = shards_for(a)
-    out = {"shards": which, "tolerance": PIXEL_TOL, "recipes": {}}
+    sets = {"photo": photo_shards(a)}
+    if a.shards and Path(a.shards).is_dir():
+        sets = {"sample": Path(a.shards), **sets}
+    out = {"shards": sorted(sets), "tolerance": PIXEL_TOL, "recipes": {}}
     problems = []
-    for recipe in RECIPES:
-        for decode in ("dali", "feeder"):
-            try:
-                rep = compare_graphs(recipe, shards, 0, a.device_id, None, batch_size=8, decode=decode,
-                                     num_threads=a.threads)
-            except Exception as e:  # one recipe's crash must not hide the others' figures
-                rep = {"ok": False, "problems": [f"{recipe}: {type(e).__name__}: {e}"]}
-            out["recipes"][f"{recipe}/{decode}"] = rep
-            problems += [f"[decode={decode}] {p}" for p in rep["problems"]]
+    for tag, shards in sets.items():
+        for recipe in RECIPES:
+            for decode in ("dali", "feeder"):
+                try:
+                    rep = compare_graphs(recipe, shards, 0, a.device_id, None, batch_size=8, decode=decode,
+                                         num_threads=a.threads)
+                except Exception as e:  # one recipe's crash must not hide the others' figures
+                    rep = {"ok": False, "problems": [f"{recipe}: {type(e).__name__}: {e}"]}
+                out["recipes"][f"{tag}/{recipe}/{decode}"] = rep
+                problems += [f"[{tag} shards, decode={decode}] {p}" for p in rep["problems"]]
     if problems:
         out.update(status="failed", error="; ".join(problems))
     return out
