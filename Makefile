@@ -13,7 +13,8 @@ REQ_STAMP := $(VENV)/.req-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
 
 .PHONY: setup setup-bench test demo sample proposals shards verify stats report pretrain \
-        bench bench-preprocess bench-shards bench-stats bench-report bench-loader bench-train bench-methods clean
+        bench bench-preprocess bench-shards bench-stats bench-report bench-loader bench-train bench-methods clean \
+        gpu-check
 
 setup: $(REQ_STAMP)
 $(REQ_STAMP): requirements.txt
@@ -107,3 +108,11 @@ bench-methods: setup
 
 clean:
 	rm -rf $(WORK_DIR)
+
+# The GPU path on a lent GPU machine (issue 17): builds .venv itself (no `setup`: on a machine
+# without a GPU it prints one line and does nothing), at most ~8 minutes, writes
+# bench/results/gpu.json. GPU_CHECK_ARGS e.g. "--python python3" (use that interpreter as is),
+# "--wheels DIR" (offline install), "--only venv,train".
+GPU_CHECK_PYTHON ?= $(shell command -v $(PYTHON) || command -v python3)
+gpu-check:
+	@$(GPU_CHECK_PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)

@@ -12,7 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from zlib_ng.zlib_ng import crc32 as _simd_crc32
+try:
+    from zlib_ng.zlib_ng import crc32 as _simd_crc32
+except ImportError:  # an interpreter without our venv (bench/gpu_check.py's bootstrap, a
+    from zlib import crc32 as _simd_crc32  # GPU machine's own Python): same values, slower
 
 CHUNK = 1 << 20
 _UMASK = os.umask(0o022)  # read once, restored at once: mkstemp makes 0600 files, and
