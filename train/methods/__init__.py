@@ -128,14 +128,18 @@ def get(name: str) -> ModuleType:
     if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
         raise ValueError(f"bad method name {name!r}: use one of {known()} or a module path "
                          "(config key `method`)")
-    path = name if "." in name else f"{__name__}.{name}"
-    try:
-        module = importlib.import_module(path)
-    except ModuleNotFoundError as e:
-        if e.name is None or not path.startswith(e.name):
-            raise
-        raise ValueError(f"unknown method {name!r}: no train/methods/{name}.py and no module {path}; "
-                         f"known methods: {', '.join(known())} (config key `method`)") from None
+    candidates = [name] if "." in name else [f"{__name__}.{name}", name]   # built-in first, then importable
+    module = None
+    for path in candidates:
+        try:
+            module = importlib.import_module(path)
+            break
+        except ModuleNotFoundError as e:
+            if e.name is None or not path.startswith(e.name):
+                raise   # the module exists but one of its imports is missing
+    if module is None:
+        raise ValueError(f"unknown method {name!r}: no train/methods/{name}.py and no importable module "
+                         f"{name}; known methods: {', '.join(known())} (config key `method`)")
     for attr in ("RECIPE", "build", "ModelConfig"):
         if not hasattr(module, attr):
             raise TypeError(f"method module {path} must define {attr} (see train/methods/__init__.py)")
