@@ -229,6 +229,32 @@ def test_two_accumulated_micro_batches_equal_one_step_on_the_whole_batch():
         torch.testing.assert_close(s2[k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
+class Crash(Exception):
+    pass
+
+
+def test_accumulated_steps_resume_mid_epoch_like_an_uninterrupted_run(sample_shards, tmp_path, monkeypatch):
+    """14 samples, 2 a micro-step, 2 micro-steps a step: 3 steps an epoch and one micro-batch
+    left over at each epoch's end (skipped and counted); a crash after step 2 resumes at the
+    same loader position."""
+    from train import callbacks
+    moco = ["train.accum_steps=2", "train.steps=4"]
+    straight = _run(tmp_path / "straight", sample_shards, *moco, config="mocov2_small_cpu")
+    end = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert sorted(straight) == [1, 2, 3, 4] and end["event"] == "end" and end["dropped_micro_batches"] == 1
+
+    def crash_after_step_2(cfg, info, step):
+        if step == 2:
+            raise Crash(step)
+    monkeypatch.setattr(callbacks, "maybe_fault", crash_after_step_2)
+    with pytest.raises(Crash):
+        _run(tmp_path / "split", sample_shards, *moco, config="mocov2_small_cpu")
+    monkeypatch.undo()
+    resumed = _run(tmp_path / "split", sample_shards, *moco, config="mocov2_small_cpu")
+    for step in (3, 4):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-4, abs=1e-6), step
+
+
 def test_gradient_clipping_bounds_the_global_norm():
     from train.optim import clip_gradients
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
