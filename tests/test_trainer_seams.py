@@ -96,15 +96,51 @@ def test_more_steps_on_resume_follow_the_uninterrupted_longer_run_exactly(sample
         assert extended[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-4, abs=1e-6), step  # as e2e resume
 
 
-def test_a_finished_run_extended_with_a_new_base_lr_trains_on_the_new_schedule_not_the_floor(sample_shards, tmp_path):
+def test_a_finished_run_extended_with_a_new_base_lr_ramps_from_the_floor_to_the_new_schedule(sample_shards, tmp_path):
     _run(tmp_path, sample_shards, "train.steps=3")                           # ends at the cosine floor
     assert _lr(3, 3, 1.0) == pytest.approx(1e-6)
     resumed = _run(tmp_path, sample_shards, "train.steps=6", "optim.base_lr=2.0")
-    for step in (4, 5, 6):   # exactly the lr an uninterrupted 6-step run at base_lr 2 has there
-        assert resumed[step]["lr"] == pytest.approx(_lr(step - 1, 6, 2.0), rel=1e-9), step
-    assert resumed[4]["lr"] > 1e-3
+    # no jump: step 4 starts at the checkpoint's lr, the ramp (the 2 warm-up steps) reaches the new
+    # schedule, and from step 6 on the lr is exactly an uninterrupted 6-step run's at base_lr 2
+    target = _lr(5, 6, 2.0)
+    assert resumed[4]["lr"] == pytest.approx(1e-6, rel=1e-6)
+    assert resumed[5]["lr"] == pytest.approx(1e-6 + (target - 1e-6) / 2, rel=1e-9)
+    assert resumed[6]["lr"] == pytest.approx(target, rel=1e-9) and target > 1e-3
     log = (tmp_path / "train.log").read_text()
     assert "resuming with a changed config (optim.base_lr: 1.0 -> 2.0, train.steps: 3 -> 6)" in log
+
+
+def test_an_lr_ramp_cut_by_a_crash_goes_on_where_it_was_after_the_restart(sample_shards, tmp_path, monkeypatch):
+    from train import callbacks
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(cfg, info, step):
+        if step == 4:          # after the step-4 checkpoint, inside the 4-step ramp (steps 4-7)
+            raise Crash(step)
+
+    longer = ("train.steps=9", "optim.base_lr=2.0", "optim.resume_warmup_steps=4")
+    _run(tmp_path / "a", sample_shards, "train.steps=3")
+    straight = _run(tmp_path / "a", sample_shards, *longer)
+    _run(tmp_path / "b", sample_shards, "train.steps=3")
+    monkeypatch.setattr(callbacks, "maybe_fault", crash_at_4)
+    with pytest.raises(Crash):
+        _run(tmp_path / "b", sample_shards, *longer)
+    monkeypatch.undo()
+    resumed = _run(tmp_path / "b", sample_shards, *longer)      # same config as the checkpoint's
+    assert sorted(resumed) == list(range(1, 10))
+    for step in range(4, 10):
+        assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"], rel=1e-9), step
+    assert straight[4]["lr"] == pytest.approx(1e-6, rel=1e-6)                 # the ramp starts at the floor
+    assert straight[8]["lr"] == pytest.approx(_lr(7, 9, 2.0), rel=1e-9)       # and ends on the new schedule
+
+
+def test_resume_warmup_steps_0_takes_the_new_schedule_at_once(sample_shards, tmp_path):
+    _run(tmp_path, sample_shards, "train.steps=3")
+    resumed = _run(tmp_path, sample_shards, "train.steps=6", "optim.base_lr=2.0", "optim.resume_warmup_steps=0")
+    for step in (4, 5, 6):   # timm's choice: exactly the lr an uninterrupted 6-step run has there
+        assert resumed[step]["lr"] == pytest.approx(_lr(step - 1, 6, 2.0), rel=1e-9), step
 
 
 def test_resuming_with_another_method_or_batch_is_one_message_listing_the_keys(sample_shards, tmp_path):

@@ -84,7 +84,7 @@ def load_latest(out_dir: str | Path) -> dict | None:
 # ----------------------------------------------------------------------------- resume rules
 # Keys a resume honours when they change (everything else is refused unless train.resume=force):
 SCHEDULE_KEYS = ("train.steps", "train.epochs", "optim.base_lr", "optim.min_lr", "optim.warmup_epochs",
-                 "optim.warmup_steps")      # the lr schedule is rebuilt for the new values (pretrain.py)
+                 "optim.warmup_steps", "optim.resume_warmup_steps")  # the lr schedule is rebuilt for the new values (pretrain.py)
 HYPER_KEYS = ("optim.weight_decay", "optim.momentum", "optim.trust", "optim.betas", "optim.eps",
               "optim.clip_grad")            # apply from the resumed step on; optimiser state kept
 RUNTIME_KEYS = ("train.out", "train.device", "train.precision", "train.channels_last", "train.checkpoint_every",

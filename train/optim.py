@@ -113,6 +113,46 @@ def position(scheduler: LambdaLR, step: int) -> None:
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
 
+class Ramp:
+    """lr multiplier: linear from `start` at step `s0` to `schedule(s0 + n)` at step s0 + n,
+    then `schedule` itself. A resumed run whose schedule changed gets one, so its lr never
+    jumps (e.g. a finished run at the cosine floor that is given more steps re-warms to the
+    new schedule instead of leaping to it or staying at the floor). `schedule` is a slot, not
+    in `__dict__`, so LambdaLR's state_dict holds plain numbers (weights-only loadable)."""
+
+    __slots__ = ("schedule", "__dict__")
+
+    def __init__(self, schedule, s0: int, n: int, start: float):
+        self.schedule, self.s0, self.n, self.start = schedule, s0, n, start
+
+    def __call__(self, step: int) -> float:
+        if self.n <= 0 or not self.s0 <= step < self.s0 + self.n:
+            return self.schedule(step)
+        end = self.schedule(self.s0 + self.n)
+        return self.start + (end - self.start) * (step - self.s0) / self.n
+
+
+def resume_ramp_steps(cfg: dict, total_steps: int, step: int, steps_per_epoch: int) -> int:
+    """optim.resume_warmup_steps, or (null) the config's warm-up length, else 1/20 of the
+    steps left (at least 1)."""
+    o = section(cfg, OptimConfig)
+    if o.resume_warmup_steps is not None:
+        return max(int(o.resume_warmup_steps), 0)
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
+    return int(warmup) if warmup > 0 else max(1, (total_steps - step) // 20)
+
+
+def apply_ramp(scheduler: LambdaLR, ramp: dict) -> None:
+    """Wrap the scheduler's schedule in `Ramp`s from ramp = {start, steps, start_lrs} (the
+    lrs of the checkpoint at step `start`) and position it at `start`; kept in checkpoints
+    (`lr_ramp`) so a later resume inside the ramp continues it."""
+    scheduler.lr_lambdas = [Ramp(getattr(fn, "schedule", fn), ramp["start"], ramp["steps"],
+                                 lr0 / base if base else 0.0)
+                            for fn, base, lr0 in zip(scheduler.lr_lambdas, scheduler.base_lrs,
+                                                     ramp["start_lrs"], strict=True)]
+    position(scheduler, ramp["start"])
+
+
 def load_state_keeping_hyperparameters(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a saved optimiser state (momentum buffers, Adam moments) but keep this
     optimiser's hyperparameters (lr, weight decay, momentum, betas, ...) as the new config

@@ -15,10 +15,13 @@ after comparing the checkpoint's resolved config with this one (see `check_resum
     the checkpoint anyway.
   honoured: train.steps/epochs, optim.base_lr/min_lr/warmup_*: the lr schedule is rebuilt
     from the new config and positioned at the resumed step, so every step from there on has
-    exactly the lr an uninterrupted run with the new config has at that step (the warm-up is
-    the new config's; past it, the cosine runs over the new total to optim.min_lr). The lr
-    therefore moves at the resume step from the old schedule's value to the new one's (the
-    console line gives both); an unchanged config resumes on the identical schedule.
+    the lr an uninterrupted run with the new config has at that step (the warm-up is the new
+    config's; past it, the cosine runs over the new total to optim.min_lr). Where that lr
+    differs from the checkpoint's by more than 1%, the lr does not jump: it ramps linearly
+    from the checkpoint's value to the new schedule over optim.resume_warmup_steps (default:
+    the warm-up length, else 1/20 of the steps left; 0 = jump), then follows it exactly (the
+    console line gives both lrs; the ramp is kept in checkpoints, so a resume inside it goes
+    on with it). An unchanged config resumes on the identical schedule.
     optim.weight_decay/momentum/trust/betas/eps/clip_grad apply from the resumed step, with
     the optimiser state (momentum buffers, Adam moments) kept. Runtime keys (device,
     precision, logging, checkpoint interval, workers, backend, export, eval, debug) freely.
@@ -47,7 +50,8 @@ from train.config import ConfigError, load_config, resolve
 from train.loader.prefetch import Prefetch
 from train.methods import build_method
 from train.metrics import Metrics
-from train.optim import (build_optimizer, build_scheduler, clip_gradients, load_state_keeping_hyperparameters,
+from train.optim import (apply_ramp, build_optimizer, build_scheduler, clip_gradients,
+                         load_state_keeping_hyperparameters, resume_ramp_steps,
                          position)
 
 
@@ -204,6 +208,7 @@ def train(cfg: dict) -> dict:
 
     step, state = 0, checkpoint.load_latest(out)
     changes: dict = {}
+    lr_ramp = None
     if state is not None:
         step = int(state["step"])
         changes = check_resume(cfg, out, step)
@@ -216,6 +221,16 @@ def train(cfg: dict) -> dict:
                               f"this model/optimiser ({str(e).splitlines()[0][:300]}); start fresh with a new "
                               "train.out") from None
         position(scheduler, step)  # the new config's schedule, at the resumed step
+        lr_ramp = state.get("lr_ramp")  # a ramp still running from an earlier resume goes on
+        saved_lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]
+        new_lrs = [g["lr"] for g in optimizer.param_groups]
+        if any(k in checkpoint.SCHEDULE_KEYS for k in changes) and len(saved_lrs) == len(new_lrs) and any(
+                abs(a - b) > 0.01 * max(abs(a), abs(b)) for a, b in zip(saved_lrs, new_lrs)):
+            n = resume_ramp_steps(cfg, total, step, steps_per_epoch)  # no jump: ramp to the new schedule
+            lr_ramp = dict(start=step, steps=n, start_lrs=saved_lrs) if n > 0 else None
+        if lr_ramp is not None and step < lr_ramp["start"] + lr_ramp["steps"]:
+            apply_ramp(scheduler, lr_ramp)
+            position(scheduler, step)
         scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
         if len(rngs) == info.world_size:
@@ -252,7 +267,7 @@ def train(cfg: dict) -> dict:
             checkpoint.save(out, dict(step=step, model=method.state_dict(), optimizer=optimizer.state_dict(),
                                       scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                                       rng=rngs, loader=loader_state, world_size=info.world_size,
-                                      epoch=step // steps_per_epoch), cfg)
+                                      epoch=step // steps_per_epoch, lr_ramp=lr_ramp), cfg)
         distributed.barrier()
 
     callbacks = build_callbacks(cfg)

@@ -51,6 +51,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0           # linear warm-up from lr/100
     warmup_steps: int | None = None      # overrides warmup_epochs when set
     min_lr: float = 1.0e-6               # cosine floor
+    resume_warmup_steps: int | None = None  # resumed with a changed schedule: steps to ramp from the
+                                            # checkpoint's lr to the new schedule (null = the warm-up
+                                            # length, else 1/20 of the steps left; 0 = jump at once)
 
 
 @dataclass
