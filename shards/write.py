@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import struct
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,6 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,14 +37,15 @@ from preprocess.decode import STORED_JPEG_QUALITY, DecodeError, stored_jpeg
 from schemas import SchemaError, table_params, validate
 from schemas.index import INDEX, MANIFEST_VERSION, check_manifest
 from schemas.proposals import PROPOSALS
-from shards.tarfmt import (check_shard_name, dali_index, dali_index_line, end_of_archive,
-                           pack_sample)
+from shards import format as fmt
+from shards.tarfmt import check_shard_name, end_of_archive, pack_sample
 
 ROWS_DIR = "_rows"
 PLAN_FILE = "plan.json"
 PACKAGES = ("numpy", "pyarrow", "pillow", "opencv-contrib-python-headless", "webdataset",
             "nvidia-dali-cuda120", "ray", "torch", "torchvision")
-MEMBER_ORDER = ("jpg", "boxes", "fh.png", "mcg.png", "gt.png", "gt.json", "json")
+REFRESH_FIX = ("reprocess the changed images with make proposals DATASET=<ds> "
+               "PROPOSALS_ARGS=--refresh-changed, then make shards")
 STAT_COLUMNS = ("resnet_distance_mean", "resnet_distance_std", "resnet_distance_pairs",
                 "stats_meaningful")
 
@@ -60,45 +59,19 @@ class PackParams:
     jpeg_quality: int = STORED_JPEG_QUALITY  # only when the source must be re-encoded
     mtime: int = 0                   # of every tar member
     tar_format: str = "gnu"
-    png_bit_depth: int = 16          # every label map PNG (see as_16bit_png)
 
 
 class SampleError(ValueError):
     """One image cannot be packed; it becomes a failed index row, the rest go on."""
 
 
-def png_size(data: bytes, what: str) -> tuple[int, int, int]:
-    """(width, height, bit depth) of a single-channel PNG from its IHDR, without decoding."""
-    if len(data) < 29 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-        raise SampleError(f"{what} is not a PNG")
-    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    if colour != 0:
-        raise SampleError(f"{what} is not a single-channel (grey) PNG")
-    return width, height, depth
-
-
-def as_16bit_png(data: bytes, depth: int) -> bytes:
-    """Label maps go into shards as 16-bit PNGs, all of them.
-
-    DALI decodes a PNG to uint16 only with output_type=ANY_DATA, and then scales an
-    8-bit one by 257; a pipeline cannot switch per sample, so a mix of depths would
-    give wrong ids. Widening here lets every label map decode the same way."""
-    if depth == 16:
-        return data
-    labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if labels is None or labels.ndim != 2:
-        raise SampleError("a label map PNG does not decode to one channel; rerun make proposals")
-    ok, buf = cv2.imencode(".png", labels.astype(np.uint16))
-    if not ok:
-        raise SampleError("could not re-encode a label map as a 16-bit PNG")
-    return buf.tobytes()
-
-
 def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dict]:
-    """The tar members of one proposals row, and the extra index fields they imply.
+    """The tar members of one proposals row (shards.format order and codecs), and the
+    extra index fields they imply.
 
     Reads the source image once: its sha256 must match what preprocessing saw, and the
-    stored JPEG must have the size the boxes and label maps refer to."""
+    stored JPEG must decode strictly (no libjpeg warning) to the size the boxes and
+    label maps refer to; shards.format checks every member before it is packed."""
     key, w, h = row["key"], row["width"], row["height"]
     src = root / row["source_path"]
     try:
@@ -108,41 +81,33 @@ def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dic
                           "rerun make proposals") from e
     if row["sha256"] and sha256_bytes(data) != row["sha256"]:
         raise SampleError(f"source image {src} changed since make proposals (sha256 differs); "
-                          "rerun make proposals so boxes match the pixels")
+                          f"{REFRESH_FIX}")
     try:
-        jpeg, rgb = stored_jpeg(src, params.jpeg_quality, data=data)
+        jpeg, _ = stored_jpeg(src, params.jpeg_quality, data=data)
     except DecodeError as e:
         raise SampleError(str(e)) from e
-    if rgb.shape[:2] != (h, w):
-        raise SampleError(f"{src}: decodes to {rgb.shape[1]}x{rgb.shape[0]} but proposals say "
-                          f"{w}x{h}; rerun make proposals")
     boxes = np.asarray(row["boxes"] or [], dtype=np.float32).reshape(-1, 4)
-    if len(boxes) == 0 or len(boxes) != row["num_boxes"]:
-        raise SampleError(f"{key}: {len(boxes)} boxes (num_boxes={row['num_boxes']}); every "
-                          "image needs >= 1 (whole-image fallback): rerun make proposals")
-    x1, y1, x2, y2 = boxes.T
-    if not (np.isfinite(boxes).all() and (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w).all()
-            and (y2 <= h).all() and (x1 < x2).all() and (y1 < y2).all()):
-        raise SampleError(f"{key}: boxes outside the {w}x{h} image or empty; rerun make proposals")
-    members = [("jpg", jpeg), ("boxes", boxes.astype("<f4").tobytes())]
+    if len(boxes) != row["num_boxes"]:
+        raise SampleError(f"{key}: {len(boxes)} boxes but num_boxes={row['num_boxes']}; "
+                          "rerun make proposals")
+    members = [("jpg", jpeg), ("boxes", fmt.encode_boxes(boxes))]
     for ext, col in (("fh.png", "fh_png"), ("mcg.png", "mcg_png"), ("gt.png", "gt_png")):
-        png = row[col]
-        if png is None:
+        if row[col] is None:
             if col == "gt_png":
                 continue
             raise SampleError(f"{key}: no {col} in the proposals row; rerun make proposals")
-        pw, ph, depth = png_size(png, f"{key}.{ext}")
-        if (pw, ph) != (w, h) or depth not in (8, 16):
-            raise SampleError(f"{key}.{ext} is {pw}x{ph} {depth}-bit, expected {w}x{h} 8/16-bit; "
-                              "rerun make proposals")
-        members.append((ext, as_16bit_png(png, depth)))
+        members.append((ext, row[col]))  # stored as produced, 8- or 16-bit (format.decode_label_png)
     if row["gt_json"] is not None:
         members.append(("gt.json", row["gt_json"].encode("utf-8")))
     meta = {"key": key, "width": w, "height": h, "source_path": row["source_path"],
             "sha256": row["sha256"], "num_boxes": len(boxes), "num_segments": row["num_segments"],
             "num_masks": row["num_masks"], "label": row["label"], "filter_rule": row["filter_rule"],
             "mask_scores": [float(s) for s in (row["mask_scores"] or [])]}
-    members.append(("json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()))
+    members.append(("json", fmt.encode_meta(meta)))
+    problems = fmt.sample_problems(key, dict(members), w, h, jpeg=True, pngs=True)
+    if problems:
+        raise SampleError(f"{src}: {'; '.join(problems)}; rerun make proposals (or replace the "
+                          "source image if it is damaged)")
     extra = {"jpeg_sha256": sha256_bytes(jpeg), "jpeg_reencoded": jpeg != data,
              "has_gt": row["gt_json"] is not None}
     return members, extra
@@ -406,15 +371,17 @@ class Writer:
                 digest.update(data)
                 rows.append(index_row(item.row, status="ok", error=None, shard=name,
                                       position=len(rows), tar_offset=size, tar_size=len(data),
-                                      crc32=crc32(data), members=entries, **item.extra))
-                idx_lines.append(dali_index_line(item.row["key"], entries))
+                                      crc32=crc32(data), members=entries,
+                                      member_crc32=[crc32(m) for _, m in item.members],
+                                      **item.extra))
+                idx_lines.append(fmt.index_line(item.row["key"], entries))
                 size = grown
                 progress.update()
             tail = end_of_archive(size)
             f.write(tail)
             digest.update(tail)
         end = stream.peek().pos if stream.peek() else len(self.order)
-        atomic_write_text((self.out / name).with_suffix(".idx"), dali_index(idx_lines))
+        atomic_write_text((self.out / name).with_suffix(".idx"), fmt.index_text(idx_lines))
         record = {"name": name, "sha256": digest.hexdigest(), "bytes": size + len(tail),
                   "num_samples": len(rows), "start": start, "end": end}
         table = INDEX.from_rows(rows + failures)
@@ -455,7 +422,7 @@ class Writer:
             "shards": [{k: s[k] for k in ("name", "sha256", "bytes", "num_samples")} for s in shards],
             "index": {"file": "index.parquet", "schema_version": INDEX.version,
                       "sha256": sha256_file(self.out / "index.parquet")},
-            "packing": asdict(self.params) | {"member_order": list(MEMBER_ORDER),
+            "packing": asdict(self.params) | {"member_order": list(fmt.MEMBER_ORDER),
                                               "shuffle": "numpy default_rng(seed).permutation "
                                                          "of the key-sorted ok samples"},
             "preprocessing": self.preprocessing,

@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as F
 
 from . import collate, geometry as G
 from .recipes import COLOUR, Recipe, blur_kernel, label_map
-from .source import ShardReadError, ShardSource
+from .source import BadSamples, ShardReadError, ShardSource
 from .split import worker_batches
 
 INTERP = {"linear": F.InterpolationMode.BILINEAR, "cubic": F.InterpolationMode.BICUBIC}
@@ -93,32 +93,50 @@ def transform_sample(recipe: Recipe, source: ShardSource, index: int, seed_words
     return out, plan, view_boxes
 
 
-def make_batch(recipe, source, samples, slots, epoch, seed) -> dict:
-    results = [transform_sample(recipe, source, int(i), [seed, epoch, int(s)])
-               for i, s in zip(samples, slots)]
+def make_batch(recipe, source, samples, slots, epoch, seed, bad: BadSamples) -> dict:
+    """One batch; a bad sample goes to `bad` (stop, or the next readable sample in its place)."""
+    results, used = [], []
+    for i, s in zip(samples, slots):
+        j, r = bad.run(source, int(i), lambda j, s=s: (j, transform_sample(
+            recipe, source, j, [seed, epoch, int(s)])))
+        results.append(r)
+        used.append(j)
     batch = {k: torch.stack([r[0][k] for r in results]) for k in results[0][0]}
-    return collate.finish(recipe, batch, [r[1] for r in results], [r[2] for r in results], samples)
+    return collate.finish(recipe, batch, [r[1] for r in results], [r[2] for r in results],
+                          np.asarray(used))
 
 
 class _Batches(IterableDataset):
-    def __init__(self, recipe, source, batches, epoch, seed, num_workers):
+    """Yields (batch, bad samples recorded while making it): worker processes each hold a
+    copy of the policy, so the parent adds their records up and enforces the limit."""
+
+    def __init__(self, recipe, source, batches, epoch, seed, num_workers, limit):
         self.args = (recipe, source, epoch, seed)
-        self.batches, self.num_workers = batches, num_workers
+        self.batches, self.num_workers, self.limit = batches, num_workers, limit
 
     def __iter__(self):
         info = get_worker_info()
         mine = worker_batches(self.batches, self.num_workers, info.id if info else 0) \
             if info else self.batches
         recipe, source, epoch, seed = self.args
+        bad = BadSamples(self.limit)
         for samples, slots in mine:
-            yield make_batch(recipe, source, samples, slots, epoch, seed)
+            seen = len(bad.items)
+            batch = make_batch(recipe, source, samples, slots, epoch, seed, bad)
+            yield batch, bad.items[seen:]
 
 
-def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int, num_workers: int):
-    """Yield batches in order; `num_workers` DataLoader processes (0 = in this process)."""
+def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int, num_workers: int,
+            bad: BadSamples | None = None):
+    """Yield batches in order; `num_workers` DataLoader processes (0 = in this process).
+    bad: the loader's bad-sample policy (default: stop at the first)."""
     if not batches:
         return
+    bad = bad if bad is not None else BadSamples(0)
     workers = min(num_workers, len(batches))
-    yield from DataLoader(_Batches(recipe, source, batches, epoch, seed, workers),
-                          batch_size=None, num_workers=workers,
-                          persistent_workers=False)
+    remaining = bad.limit - len(bad.items)
+    for batch, items in DataLoader(_Batches(recipe, source, batches, epoch, seed, workers, remaining),
+                                   batch_size=None, num_workers=workers, persistent_workers=False):
+        for key, reason in items:
+            bad.record(key, ShardReadError(reason))
+        yield batch
