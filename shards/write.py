@@ -12,8 +12,6 @@ is written last, so its presence means the whole set is complete."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -28,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.io import (atomic_open, atomic_write_text, crc32, remove_stale_temporaries,
-                       sha256_bytes, sha256_file)
+from common.io import (DISK_FULL, DiskFullError, atomic_open, atomic_write_text, crc32, exclusive,
+                       remove_stale_temporaries, sha256_bytes, sha256_file)
 from common.keys import check_key
 from common.paths import proposals_dir, shards_dir
 from common.progress import Progress
@@ -167,8 +165,10 @@ def load_parts(pdir: Path, spill: Path) -> tuple[pa.Table, list[dict], dict]:
                 out.write_table(t.replace_schema_metadata(None))
                 fingerprints.append({"name": p.name, "rows": t.num_rows,
                                      "content_sha256": content_digest(t)})
-    except BaseException:
+    except BaseException as e:
         spill.unlink(missing_ok=True)
+        if isinstance(e, OSError) and (e.errno in DISK_FULL or "No space left" in str(e)):
+            raise DiskFullError(spill, "a temporary copy of the proposals parts") from None
         raise
     table = pa.ipc.open_file(pa.memory_map(str(spill))).read_all()
     return table, fingerprints, {"job": job, "part_params": params}
@@ -202,7 +202,7 @@ def shuffled_order(keys: list[str], seed: int) -> list[int]:
 def write_index(rows: list[dict], path: Path, params: dict) -> None:
     rows = sorted(rows, key=lambda r: r["key"])
     table = INDEX.from_rows(rows, params=params)
-    with atomic_open(path) as f:
+    with atomic_open(path, "the shard index (index.parquet)") as f:
         pq.write_table(table, f, compression="zstd")
 
 
@@ -284,7 +284,7 @@ class Writer:
                 p.unlink(missing_ok=True)
         self.rows_dir.mkdir(parents=True, exist_ok=True)
         if not plan_path.is_file():
-            atomic_write_text(plan_path, plan)
+            atomic_write_text(plan_path, plan, "the packing plan")
 
     def finished_shards(self) -> list[dict]:
         """Records of the leading run of complete shards (tar, idx and rows all present)."""
@@ -354,7 +354,7 @@ class Writer:
         name = self.shard_name(number)
         rows, idx_lines, size = [], [], 0
         digest = hashlib.sha256()
-        with atomic_open(self.out / name) as f:
+        with atomic_open(self.out / name, "a shard tar") as f:
             while item := stream.peek():
                 if item.error:
                     failures.append(index_row(item.row, status="failed", error=item.error))
@@ -381,13 +381,14 @@ class Writer:
             f.write(tail)
             digest.update(tail)
         end = stream.peek().pos if stream.peek() else len(self.order)
-        atomic_write_text((self.out / name).with_suffix(".idx"), fmt.index_text(idx_lines))
+        atomic_write_text((self.out / name).with_suffix(".idx"), fmt.index_text(idx_lines),
+                          "a DALI index (.idx)")
         record = {"name": name, "sha256": digest.hexdigest(), "bytes": size + len(tail),
                   "num_samples": len(rows), "start": start, "end": end}
         table = INDEX.from_rows(rows + failures)
         table = table.replace_schema_metadata(table.schema.metadata | {
             b"shard": json.dumps(record, sort_keys=True).encode()})
-        with atomic_open(self.rows_dir / name.replace(".tar", ".parquet")) as rf:
+        with atomic_open(self.rows_dir / name.replace(".tar", ".parquet"), "a shard's index rows") as rf:
             pq.write_table(table, rf, compression="zstd")
         return record | {"rows": rows + failures}
 
@@ -431,7 +432,8 @@ class Writer:
             "packages": package_versions(),
         }
         check_manifest(manifest, "manifest being written")
-        atomic_write_text(self.out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        atomic_write_text(self.out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True),
+                          "manifest.json")
         failed_pack = sum(1 for r in rows if (r["error"] or "").startswith("packing:"))
         print(f"[shards {self.dataset}] done: {packed} samples in {len(shards)} shards "
               f"({sum(s['bytes'] for s in shards) / 1e6:.1f} MB) at {self.out}; "
@@ -442,18 +444,6 @@ class Writer:
         return manifest
 
 
-@contextlib.contextmanager
-def exclusive(out: Path):
-    """One writer per shards folder: a second one would delete the first's temporaries."""
-    (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
-    with open(out / ROWS_DIR / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another make shards is writing {out}; wait for it to finish") from None
-        yield
-
-
 def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=None, out=None,
                  root=None, overwrite: bool = False, workers: int | None = None) -> dict:
     """Pack WORK_DIR/<dataset>/proposals into WORK_DIR/<dataset>/shards; returns the manifest."""
@@ -462,7 +452,8 @@ def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=N
     if not any(pdir.glob("part-*.parquet")):  # before creating anything under `out`
         raise FileNotFoundError(f"no proposals parts (part-*.parquet) in {pdir}; run "
                                 f"make proposals DATASET={dataset} first")
-    with exclusive(out):
+    with exclusive(out / ROWS_DIR / ".lock", f"another make shards is writing {out}; wait for "
+                   "it to finish"):
         return Writer(dataset, pdir, out, params, root, workers).run(overwrite)
 
 
@@ -500,8 +491,12 @@ def main(argv=None) -> int:
         ap.error("--max-samples and --max-bytes must be >= 1, --jpeg-quality in 1..100")
     params = PackParams(seed=a.seed, max_samples=a.max_samples, max_bytes=a.max_bytes,
                         jpeg_quality=a.jpeg_quality)
-    write_shards(a.dataset, params, proposals=a.proposals, out=a.out, root=a.root,
-                 overwrite=a.overwrite, workers=a.workers)
+    try:
+        write_shards(a.dataset, params, proposals=a.proposals, out=a.out, root=a.root,
+                     overwrite=a.overwrite, workers=a.workers)
+    except (DiskFullError, FileNotFoundError, ValueError) as e:  # one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
