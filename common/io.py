@@ -34,8 +34,23 @@ class DiskFullError(OSError):
                          "the partial file was removed). Free space there, or point WORK_DIR / "
                          "the output folder at a larger disk, then rerun: finished work is kept")
 
+    def __str__(self) -> str:
+        return self.strerror
+
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or one it was raised from or during, is ENOSPC/EDQUOT: torch.save
+    and pyarrow re-raise a failed write as their own RuntimeError / ArrowIOError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and (error.errno in DISK_FULL or "No space left" in str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @contextlib.contextmanager
@@ -47,7 +62,7 @@ def atomic_open(path: str | os.PathLike, what: str = "a file") -> Iterator[Binar
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        if e.errno in DISK_FULL:
+        if is_disk_full(e):
             raise DiskFullError(path, what) from None
         raise
     try:
@@ -60,7 +75,7 @@ def atomic_open(path: str | os.PathLike, what: str = "a file") -> Iterator[Binar
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, DiskFullError) and e.errno in DISK_FULL:
+        if not isinstance(e, DiskFullError) and is_disk_full(e):
             raise DiskFullError(path, what) from None
         raise
 

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.io import (DISK_FULL, DiskFullError, atomic_open, atomic_write_text, crc32, exclusive,
-                       remove_stale_temporaries, sha256_bytes, sha256_file)
+from common.io import (DiskFullError, atomic_open, atomic_write_text, crc32, exclusive,
+                       is_disk_full, remove_stale_temporaries, sha256_bytes, sha256_file)
 from common.keys import check_key
 from common.paths import proposals_dir, shards_dir
 from common.progress import Progress
@@ -43,7 +43,8 @@ PLAN_FILE = "plan.json"
 PACKAGES = ("numpy", "pyarrow", "pillow", "opencv-contrib-python-headless", "webdataset",
             "nvidia-dali-cuda120", "ray", "torch", "torchvision")
 REFRESH_FIX = ("reprocess the changed images with make proposals DATASET=<ds> "
-               "PROPOSALS_ARGS=--refresh-changed, then make shards")
+               "PROPOSALS_ARGS=--refresh-changed, then repack with make shards DATASET=<ds> "
+               "SHARDS_ARGS=--overwrite")
 STAT_COLUMNS = ("resnet_distance_mean", "resnet_distance_std", "resnet_distance_pairs",
                 "stats_meaningful")
 
@@ -167,7 +168,7 @@ def load_parts(pdir: Path, spill: Path) -> tuple[pa.Table, list[dict], dict]:
                                      "content_sha256": content_digest(t)})
     except BaseException as e:
         spill.unlink(missing_ok=True)
-        if isinstance(e, OSError) and (e.errno in DISK_FULL or "No space left" in str(e)):
+        if is_disk_full(e):
             raise DiskFullError(spill, "a temporary copy of the proposals parts") from None
         raise
     table = pa.ipc.open_file(pa.memory_map(str(spill))).read_all()
