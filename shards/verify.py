@@ -51,11 +51,16 @@ def verify_shard(path: Path, record: dict, rows: list[dict], decode: bool,
     if sha256_file(path) != record["sha256"]:
         problems.append(f"shard {name}: sha256 differs from the manifest (altered or corrupted)")
     by_key = {r["key"]: r for r in rows}
-    expected_idx = fmt.index_text([fmt.index_line(r["key"], r["members"])
-                               for r in sorted(rows, key=lambda r: r["position"])])
     idx = path.with_suffix(".idx")
-    if not idx.is_file() or idx.read_text() != expected_idx:
-        problems.append(f"shard {name}: {idx.name} missing or disagrees with the index")
+    expected = [(r["key"], {m["ext"]: (m["offset"], m["size"]) for m in r["members"]})
+                for r in sorted(rows, key=lambda r: r["position"])]
+    try:
+        if fmt.parse_index(idx.read_text(), idx.name, path.stat().st_size) != expected:
+            problems.append(f"shard {name}: {idx.name} disagrees with the index")
+    except FileNotFoundError:
+        problems.append(f"shard {name}: {idx.name} missing")
+    except fmt.MemberError as e:
+        problems.append(f"shard {name}: {e}")
     position = 0
     try:
         with open(path, "rb") as raw:
