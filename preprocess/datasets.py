@@ -189,7 +189,13 @@ def _records_from_coco(root: Path, images_dir: Path, ann_file: Path | None,
             per_image: dict[int, list] = {im["id"]: [] for im in doc["images"]}
             for ann in doc.get("annotations", []):
                 per_image.setdefault(ann["image_id"], []).append(dict(ann, category_name=names.get(ann["category_id"])))
-            entries = [(coco_key(im["id"]), im, str(im["file_name"])) for im in doc["images"]]
+            entries = []
+            for i, im in enumerate(doc["images"]):
+                if not (isinstance(im, dict) and isinstance(im.get("id"), int)
+                        and isinstance(im.get("file_name"), str)):
+                    raise DatasetError(f"{ann_file}: images[{i}] lacks an integer 'id' or a "
+                                       "'file_name'; fix that entry (or remove it)")
+                entries.append((coco_key(im["id"]), im, im["file_name"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DatasetError(f"{ann_file}: not a readable COCO instances file ({e}); "
                                "re-download the annotations or remove the file to run without GT") from e

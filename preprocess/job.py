@@ -31,11 +31,11 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.io import (DiskFullError, atomic_open, atomic_write_text, exclusive, remove_stale_temporaries,
+from common.io import (atomic_open, atomic_write_text, exclusive, remove_stale_temporaries,
                        sha256_bytes, sha256_file)
 from common.paths import proposals_dir, work_dir
 from common.progress import Progress, format_duration
-from preprocess.datasets import ImageRecord, gt_in_stored_frame, list_images_counted
+from preprocess.datasets import DatasetError, ImageRecord, gt_in_stored_frame, list_images_counted
 from preprocess.decode import DecodeError, decode, max_pixels
 from preprocess.mcg import MaskParams, encode_bitfield_png, mcg_masks
 from preprocess.proposals import ProposalParams, propose
@@ -123,7 +123,7 @@ def process_image(item: dict, params: dict) -> dict:
                                         sort_keys=True)
             row["gt_png"] = None if label_map is None else encode_label_png(label_map, bits=16)
         row["status"] = "ok"
-    except DecodeError as e:
+    except (DecodeError, DatasetError) as e:  # the file or its annotations: the user's to fix
         row["error"] = str(e)
     except Exception as e:  # any other per-image failure is recorded, never fatal to the job
         row["error"] = (f"{type(e).__name__}: {e} (while processing {item['path']}); "
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
                            refresh_changed=a.refresh_changed,
                            proposals=ProposalParams(mode=a.mode, max_side=a.max_side, max_boxes=a.max_boxes))
         run(config)
-    except (JobError, ValueError, DiskFullError) as e:  # one line naming the file, no traceback
+    except (JobError, ValueError, OSError) as e:  # disk full, unreadable root...: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -495,7 +495,7 @@ def main(argv=None) -> int:
     try:
         write_shards(a.dataset, params, proposals=a.proposals, out=a.out, root=a.root,
                      overwrite=a.overwrite, workers=a.workers)
-    except (DiskFullError, FileNotFoundError, ValueError) as e:  # one line, no traceback
+    except (OSError, ValueError) as e:  # disk full, missing parts, bad rows: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -153,3 +153,13 @@ def test_a_jpeg_that_decodes_with_errors_fails_packing_naming_its_key(tmp_path):
     data = ShardDataset(out)
     assert data.keys == ["good"]
     assert "bad.jpg decodes with errors (libjpeg: Corrupt JPEG data" in data.failed["bad"]
+
+
+def test_a_bad_sample_in_a_loader_worker_stops_the_run_with_its_message_not_a_traceback(copy):
+    row = flip(copy, 2, "jpg")
+    loader = build_loader("soco", copy, 2, backend="reference", num_workers=2)
+    with pytest.raises(ShardReadError) as caught:
+        list(loader)
+    message = str(caught.value)
+    assert f"sample {row['key']} member {row['key']}.jpg" in message
+    assert "Traceback" not in message and "worker process" not in message

@@ -107,8 +107,10 @@ def make_batch(recipe, source, samples, slots, epoch, seed, bad: BadSamples) -> 
 
 
 class _Batches(IterableDataset):
-    """Yields (batch, bad samples recorded while making it): worker processes each hold a
-    copy of the policy, so the parent adds their records up and enforces the limit."""
+    """Yields (batch, bad samples recorded while making it, None) or (None, [], message)
+    when the policy says stop: worker processes each hold a copy of the policy, so the
+    parent adds their records up, enforces the limit and raises the message itself (a
+    worker's exception would reach the user wrapped in its traceback)."""
 
     def __init__(self, recipe, source, batches, epoch, seed, num_workers, limit):
         self.args = (recipe, source, epoch, seed)
@@ -122,8 +124,12 @@ class _Batches(IterableDataset):
         bad = BadSamples(self.limit)
         for samples, slots in mine:
             seen = len(bad.items)
-            batch = make_batch(recipe, source, samples, slots, epoch, seed, bad)
-            yield batch, bad.items[seen:]
+            try:
+                batch = make_batch(recipe, source, samples, slots, epoch, seed, bad)
+            except ShardReadError as e:
+                yield None, bad.items[seen:], str(e)
+                return
+            yield batch, bad.items[seen:], None
 
 
 def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int, num_workers: int,
@@ -135,8 +141,12 @@ def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int,
     bad = bad if bad is not None else BadSamples(0)
     workers = min(num_workers, len(batches))
     remaining = bad.limit - len(bad.items)
-    for batch, items in DataLoader(_Batches(recipe, source, batches, epoch, seed, workers, remaining),
-                                   batch_size=None, num_workers=workers, persistent_workers=False):
+    for batch, items, error in DataLoader(_Batches(recipe, source, batches, epoch, seed, workers,
+                                                   remaining),
+                                          batch_size=None, num_workers=workers,
+                                          persistent_workers=False):
         for key, reason in items:
             bad.record(key, ShardReadError(reason))
+        if error is not None:
+            raise ShardReadError(error)
         yield batch
