@@ -278,7 +278,9 @@ def _run_locked(config: JobConfig, records: list[ImageRecord], listing: dict, ou
     todo = [p for p in range(n_parts) if not (out / PART_NAME.format(p)).is_file()]
     items = [_item(r, p) for p in todo for r in records[p * config.part_size:(p + 1) * config.part_size]]
     print(f"[proposals] {len(records)} images in {n_parts} parts -> {out}; "
-          f"{n_parts - len(todo)} parts already done, {len(todo)} to do", flush=True)
+          f"{n_parts - len(todo)} parts already done, {len(todo)} to do"
+          f"{'' if todo or config.refresh_changed else ' (source images changed since? PROPOSALS_ARGS=--refresh-changed re-checks them)'}",
+          flush=True)
     start = time.perf_counter()
     if items:
         stats_params = job_stats_params(config)  # recorded in the parts only: `make stats` may refresh it

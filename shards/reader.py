@@ -90,7 +90,10 @@ class Sample:
         return None if data is None else json.loads(data)
 
 
-FIX = "rebuild them with make shards DATASET=<ds> (make verify DATASET=<ds> lists every problem)"
+def fix_for(dataset: str) -> str:
+    """The fix every read error of a dataset's shards ends with."""
+    return (f"rebuild the shards with make shards DATASET={dataset} SHARDS_ARGS=--overwrite "
+            f"(make verify DATASET={dataset} lists every problem)")
 
 
 class ShardDataset:
@@ -117,11 +120,12 @@ class ShardDataset:
         except json.JSONDecodeError as e:
             raise SchemaError(f"{manifest_path}: not valid JSON ({e}); rebuild with make shards")
         self.manifest = check_manifest(manifest, str(manifest_path))
+        self.fix = fix_for(self.manifest["dataset"])
         index_path = self.dir / INDEX_FILE
         try:
             self.index = validate(pq.read_table(index_path), INDEX, str(index_path))
         except (OSError, pa.ArrowException) as e:
-            raise ShardError(f"{index_path}: unreadable ({e}); {FIX}") from None
+            raise ShardError(f"{index_path}: unreadable ({e}); {self.fix}") from None
         self.shards = [check_shard_name(s["name"], str(manifest_path))
                        for s in self.manifest["shards"]]
         order = {name: i for i, name in enumerate(self.shards)}
@@ -151,22 +155,22 @@ class ShardDataset:
             path = self.dir / name
             if not path.is_file():
                 raise ShardError(f"{path}: shard listed in {MANIFEST} is missing (deleted or "
-                                 f"not copied); copy it back, or {FIX}")
+                                 f"not copied); copy it back, or {self.fix}")
             size = path.stat().st_size
             if size != record["bytes"]:
                 raise ShardError(f"{path}: {size} bytes but {MANIFEST} says {record['bytes']} "
-                                 f"(truncated or altered); {FIX}")
+                                 f"(truncated or altered); {self.fix}")
             if len(self._by_shard[name]) != record["num_samples"]:
                 raise ShardError(f"{path}: {INDEX_FILE} lists {len(self._by_shard[name])} "
-                                 f"samples in it, {MANIFEST} says {record['num_samples']}; {FIX}")
+                                 f"samples in it, {MANIFEST} says {record['num_samples']}; {self.fix}")
         stray = sorted(p.name for p in self.dir.glob("*.tar") if p.name not in listed)
         if stray:
             raise ShardError(f"{self.dir / stray[0]}: a tar that {MANIFEST} does not list "
                              f"({len(stray)} such); remove it (other data does not belong in a "
-                             f"shards folder), or {FIX}")
+                             f"shards folder), or {self.fix}")
         if len(self._rows) != self.manifest["num_samples"]:
             raise ShardError(f"{self.dir}: {INDEX_FILE} lists {len(self._rows)} packed samples, "
-                             f"{MANIFEST} says {self.manifest['num_samples']}; {FIX}")
+                             f"{MANIFEST} says {self.manifest['num_samples']}; {self.fix}")
 
     def __getstate__(self):  # file descriptors do not travel to worker processes
         state = self.__dict__.copy()
@@ -210,14 +214,14 @@ class ShardDataset:
         span = self._pread(shard, start, size) if data is None else data
         if len(span) < size:
             raise ShardError(f"{self.dir / shard}: truncated at offset {start + len(span)}: "
-                             f"sample {row['key']} spans bytes {start}..{start + size}; {FIX}")
+                             f"sample {row['key']} spans bytes {start}..{start + size}; {self.fix}")
         if self.verify_crc and crc32(span) != row["crc32"]:
             bad = [f"member {row['key']}.{m['ext']} at offset {m['offset']}"
                    for m, want in zip(row["members"], row["member_crc32"] or [])
                    if crc32(span[m["offset"] - start:][:m["size"]]) != want]
             raise ShardError(f"{self.dir / shard}: sample {row['key']} at offset {start}: "
                              f"crc32 mismatch{' in ' + ', '.join(bad) if bad else ''}, the shard "
-                             f"was altered or corrupted; {FIX}")
+                             f"was altered or corrupted; {self.fix}")
         return span
 
     def read_members(self, row: dict, exts) -> dict[str, bytes]:
@@ -228,7 +232,7 @@ class ShardDataset:
         missing = [e for e in exts if e not in entries]
         if missing:
             raise ShardError(f"{self.dir / row['shard']}: sample {row['key']} has no member "
-                             f"{', '.join(row['key'] + '.' + e for e in missing)}; {FIX}")
+                             f"{', '.join(row['key'] + '.' + e for e in missing)}; {self.fix}")
         if row["member_crc32"] is None:
             span, start = self._span(row), row["tar_offset"]
             return {e: span[entries[e][0]["offset"] - start:][:entries[e][0]["size"]] for e in exts}
@@ -239,10 +243,10 @@ class ShardDataset:
             where = f"{self.dir / row['shard']}: sample {row['key']} member {row['key']}.{ext} " \
                     f"at offset {m['offset']}"
             if len(data) != m["size"]:
-                raise ShardError(f"{where}: truncated ({len(data)} of {m['size']} bytes); {FIX}")
+                raise ShardError(f"{where}: truncated ({len(data)} of {m['size']} bytes); {self.fix}")
             if self.verify_crc and crc32(data) != want:
                 raise ShardError(f"{where}: crc32 mismatch, the shard was altered or corrupted; "
-                                 f"{FIX}")
+                                 f"{self.fix}")
             out[ext] = data
         return out
 
