@@ -98,6 +98,17 @@ def decode_bitfield(bits: np.ndarray, num_masks: int) -> np.ndarray:
     return ((np.asarray(bits, np.uint16)[None] >> k[:, None, None]) & 1).astype(bool)
 
 
+_LOWEST_BIT = np.zeros(1 << 16, np.uint16)
+for _bit in range(15, -1, -1):  # lowest set bit wins: written last
+    _LOWEST_BIT[(np.arange(1 << 16) >> _bit) & 1 == 1] = _bit + 1
+
+
+def bitfield_labels(bits: np.ndarray) -> np.ndarray:
+    """A bitfield (bit i = mask i, masks may overlap) as one label map: each pixel takes
+    the best-ranked (lowest bit) mask covering it, as id i+1; 0 = no mask."""
+    return _LOWEST_BIT[np.asarray(bits, np.uint16)]
+
+
 def decode_bitfield_png(data: bytes, num_masks: int, what: str = "bitfield PNG") -> np.ndarray:
     return decode_bitfield(decode_label_png(data, what), num_masks)
 
