@@ -139,6 +139,25 @@ def check_jpeg(data: bytes, what: str, width: int | None = None, height: int | N
         raise MemberError(f"{what} decodes with errors (libjpeg: {e})") from None
 
 
+def decode_jpeg(data: bytes, what: str, width: int, height: int, factor: int = 1) -> np.ndarray:
+    """RGB (H, W, 3) uint8 of a stored JPEG at 1/factor of its width x height (libjpeg's
+    reduced IDCT; factor 1, 2, 4 or 8), decoded strictly: a libjpeg warning is a
+    MemberError. Pixel j covers stored pixels [factor*j, factor*(j+1)). EXIF orientation
+    is ignored: shards store the pixels their boxes refer to. (Same pixels as OpenCV's
+    IMREAD_REDUCED_* decode, which cannot report warnings.)"""
+    import simplejpeg
+    want = (-(-height // factor), -(-width // factor))
+    try:
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=want[0],
+                                     min_width=want[1], strict=True)
+    except ValueError as e:
+        raise MemberError(f"{what} decodes with errors (libjpeg: {e})") from None
+    if rgb.shape[:2] != want:
+        raise MemberError(f"{what} decodes to {rgb.shape[1]}x{rgb.shape[0]} at 1/{factor}, "
+                          f"expected {want[1]}x{want[0]} (the sample says {width}x{height})")
+    return rgb
+
+
 # ---------------------------------------------------------------- metadata
 def encode_meta(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()

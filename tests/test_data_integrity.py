@@ -163,3 +163,30 @@ def test_a_bad_sample_in_a_loader_worker_stops_the_run_with_its_message_not_a_tr
     message = str(caught.value)
     assert f"sample {row['key']} member {row['key']}.jpg" in message
     assert "Traceback" not in message and "worker process" not in message
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_jpeg_that_decodes_with_errors_in_shards_with_matching_crcs_stops_naming_its_key(
+        backend, copy):
+    """As shards packed before the strict check could hold: the crc32s in the index match
+    the damaged bytes, and only libjpeg's warning gives it away."""
+    from common.io import crc32
+    data = ShardDataset(copy)
+    row = data.row(4)
+    member = next(m for m in row["members"] if m["ext"] == "jpg")
+    path = copy / row["shard"]
+    raw = bytearray(path.read_bytes())
+    jpg = raw[member["offset"]:member["offset"] + member["size"]]
+    raw[member["offset"] + jpg.index(b"\xff\xda") + 50] ^= 0x55
+    path.write_bytes(bytes(raw))
+    table = pq.read_table(copy / "index.parquet")
+    rows = table.to_pylist()
+    for r in rows:
+        if r["key"] == row["key"]:
+            r["crc32"] = crc32(bytes(raw[r["tar_offset"]:r["tar_offset"] + r["tar_size"]]))
+            r["member_crc32"] = [crc32(bytes(raw[m["offset"]:m["offset"] + m["size"]]))
+                                 for m in r["members"]]
+    pq.write_table(table.from_pylist(rows, schema=table.schema), copy / "index.parquet")
+    with pytest.raises(ShardReadError, match=rf"sample {row['key']}: {row['key']}\.jpg decodes "
+                                             r"with errors \(libjpeg: Corrupt JPEG data"):
+        run_epoch(copy, backend)

@@ -30,6 +30,8 @@ import cv2
 import numpy as np
 import torch
 
+from shards import format as fmt
+
 from . import collate, geometry as G
 from .recipes import COLOUR, NumpyDraw, Recipe, label_map
 from .source import BadSamples, ShardReadError, ShardSource
@@ -98,27 +100,16 @@ def pow2_at_most(x: float, cap: int = 8) -> int:
     return f
 
 
-def decode_reduced(jpeg: bytes, factor: int, where: str) -> np.ndarray:
-    """RGB HWC uint8 at 1/factor of the stored size (libjpeg's reduced IDCT, via OpenCV).
-    Pixel j of the result covers stored pixels [factor*j, factor*(j+1)). EXIF orientation
-    is ignored, as in the reference: shards store the pixels their boxes refer to."""
-    # the REDUCED_GRAYSCALE_k bits only set the scale; COLOR_RGB makes libjpeg emit RGB
-    flags = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-             8: cv2.IMREAD_REDUCED_GRAYSCALE_8}[factor] | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
-    rgb = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flags)
-    if rgb is None:
-        raise ShardReadError(f"{where}: the .jpg member does not decode; rebuild the shards "
-                             "with make shards (preprocess validates every image)")
-    return rgb
-
-
-def check_size(image: np.ndarray, raw, factor: int, where: str) -> np.ndarray:
-    """Crop windows come from the json's size: a JPEG of another size would shift them."""
-    want = (-(-raw.height // factor), -(-raw.width // factor))
-    if image.shape[:2] != want:
-        raise ShardReadError(f"{where}: JPEG decodes to {image.shape[:2]} (h, w) at 1/{factor} "
-                             f"but its json says {(raw.height, raw.width)}; rebuild the shards")
-    return image
+def decode_reduced(raw, factor: int, where: str) -> np.ndarray:
+    """RGB HWC uint8 at 1/factor of the stored size (shards.format.decode_jpeg: libjpeg's
+    reduced IDCT, strict, so a JPEG that decodes with errors stops here naming its key).
+    Pixel j of the result covers stored pixels [factor*j, factor*(j+1)); crop windows come
+    from the index's size, which the decode must match."""
+    try:
+        return fmt.decode_jpeg(raw.jpeg, f"{raw.key}.jpg", raw.width, raw.height, factor)
+    except fmt.MemberError as e:
+        raise ShardReadError(f"{where}: {e}; rebuild the shards with make shards (it decodes "
+                             "every image strictly)") from None
 
 
 class Pyramid:
@@ -129,7 +120,7 @@ class Pyramid:
     def __init__(self, raw, plan, where: str):
         self.raw = raw
         self.base = pow2_at_most(min(shrink_of(v) for v in plan.views.values()))
-        self.levels = {1: check_size(decode_reduced(raw.jpeg, self.base, where), raw, self.base, where)}
+        self.levels = {1: decode_reduced(raw, self.base, where)}
 
     def for_view(self, view: G.View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         g = pow2_at_most(shrink_of(view) / self.base)

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T, tv_tensors
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from shards import format as fmt
 
 from . import collate, geometry as G
 from .recipes import COLOUR, Recipe, blur_kernel, label_map
@@ -64,15 +65,11 @@ def transform_sample(recipe: Recipe, source: ShardSource, index: int, seed_words
         raw = source.load(index, recipe.mask_member)
         plan = recipe.plan(raw.width, raw.height, raw.boxes, TorchDraw(), rng)
         where = source.where(index)
-        try:
-            image = tv_tensors.Image(decode_jpeg(torch.frombuffer(bytearray(raw.jpeg), dtype=torch.uint8),
-                                                 mode=ImageReadMode.RGB))  # grey JPEGs too
-        except RuntimeError as e:
-            raise ShardReadError(f"{where}: the .jpg member does not decode ({e}); rebuild the "
-                                 "shards with make shards") from e
-        if image.shape[-2:] != (raw.height, raw.width):
-            raise ShardReadError(f"{where}: JPEG is {tuple(image.shape[-2:])} (h, w) but its json "
-                                 f"says {(raw.height, raw.width)}; rebuild the shards")
+        try:  # strict: a JPEG that decodes with errors stops here naming its key
+            rgb = fmt.decode_jpeg(raw.jpeg, f"{raw.key}.jpg", raw.width, raw.height)
+        except fmt.MemberError as e:
+            raise ShardReadError(f"{where}: {e}; rebuild the shards with make shards") from None
+        image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
         out = {}
         for spec in recipe.views:
             x = geometric(image, plan.views[spec.name], INTERP[spec.interp])
