@@ -26,7 +26,7 @@ from common.paths import proposals_dir
 from preprocess.datasets import list_images_counted
 from preprocess.job import JobConfig, main as job_main, run
 from shards.reader import ShardDataset
-from shards.write import PackParams, main as shards_main, write_shards
+from shards.write import main as shards_main, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 ESCAPE = "../../../outside/secret.jpg"
