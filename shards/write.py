@@ -41,12 +41,16 @@ from shards.tarfmt import check_shard_name, end_of_archive, pack_sample
 ROWS_DIR = "_rows"
 PLAN_FILE = "plan.json"
 PACKAGES = ("numpy", "pyarrow", "pillow", "opencv-contrib-python-headless", "webdataset",
-            "nvidia-dali-cuda120", "ray", "torch", "torchvision")
-REFRESH_FIX = ("reprocess the changed images with make proposals DATASET=<ds> "
-               "PROPOSALS_ARGS=--refresh-changed, then repack with make shards DATASET=<ds> "
-               "SHARDS_ARGS=--overwrite")
+            "nvidia-dali-cuda120", "ray", "torch", "torchvision", "simplejpeg")
 STAT_COLUMNS = ("resnet_distance_mean", "resnet_distance_std", "resnet_distance_pairs",
                 "stats_meaningful")
+
+
+def refresh_fix(dataset: str) -> str:
+    """What to run when a source image changed after make proposals."""
+    return (f"reprocess the changed images with make proposals DATASET={dataset} "
+            f"PROPOSALS_ARGS=--refresh-changed, then repack with make shards DATASET={dataset} "
+            "SHARDS_ARGS=--overwrite")
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class SampleError(ValueError):
     """One image cannot be packed; it becomes a failed index row, the rest go on."""
 
 
-def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dict]:
+def sample_members(row: dict, root: Path, params: PackParams, dataset: str = "<ds>"
+                   ) -> tuple[list, dict]:
     """The tar members of one proposals row (shards.format order and codecs), and the
     extra index fields they imply.
 
@@ -80,7 +85,7 @@ def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dic
                           "rerun make proposals") from e
     if row["sha256"] and sha256_bytes(data) != row["sha256"]:
         raise SampleError(f"source image {src} changed since make proposals (sha256 differs); "
-                          f"{REFRESH_FIX}")
+                          f"{refresh_fix(dataset)}")
     try:
         jpeg, _ = stored_jpeg(src, params.jpeg_quality, data=data)
     except DecodeError as e:
@@ -323,7 +328,7 @@ class Writer:
     def build(self, pos: int) -> Built:
         row = self.row(self.order[pos])
         try:
-            return Built(pos, row, *sample_members(row, self.root, self.params))
+            return Built(pos, row, *sample_members(row, self.root, self.params, self.dataset))
         except SampleError as e:
             return Built(pos, row, error=f"packing: {e}")
 
