@@ -8,6 +8,9 @@ WORK_DIR ?= work
 DATASET ?= sample
 DATASETS ?= $(DATASET)
 export WORK_DIR PYTHONPATH := $(CURDIR)
+# $(call q,VALUE): VALUE as one shell word, whatever it holds (NAME="x<b>y", paths with
+# spaces or quotes). The *_ARGS variables stay unquoted on purpose: they are lists of words.
+q = '$(subst ','\'',$(1))'
 
 REQ_STAMP := $(VENV)/.req-$(shell cat requirements.txt | sha1sum | cut -c1-12)
 BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt | sha1sum | cut -c1-12)
@@ -40,33 +43,35 @@ demo: setup
 
 # SAMPLE_ARGS e.g. "--scene 200 --object 50 --seed 1"
 sample: setup
-	$(PY) -m preprocess.sample --out $(WORK_DIR)/sample/raw $(SAMPLE_ARGS)
+	$(PY) -m preprocess.sample --out $(call q,$(WORK_DIR)/sample/raw) $(SAMPLE_ARGS)
 
 # make proposals DATASET=coco COCO_ROOT=/data/coco [SPLIT=train2017] | DATASET=imagenet|folder
-# DATA_ROOT=... ; PROPOSALS_ARGS e.g. "--mode quality --num-cpus 8 --limit 100"
+# DATA_ROOT=... ; PROPOSALS_ARGS e.g. "--mode quality --num-cpus 8 --limit 100";
+# PROPOSALS_ARGS=--refresh-changed redoes the parts whose source images changed since
+# (what make shards asks for when it finds one). One job per WORK_DIR/DATASET at a time.
 proposals: setup
-	$(PY) -m preprocess.job --dataset $(DATASET) \
-	  $(if $(filter coco,$(DATASET)),$(if $(COCO_ROOT),--root "$(COCO_ROOT)")) \
-	  $(if $(filter imagenet folder,$(DATASET)),$(if $(DATA_ROOT),--root "$(DATA_ROOT)")) \
-	  $(if $(SPLIT),--split $(SPLIT)) $(PROPOSALS_ARGS)
+	$(PY) -m preprocess.job --dataset $(call q,$(DATASET)) \
+	  $(if $(filter coco,$(DATASET)),$(if $(COCO_ROOT),--root $(call q,$(COCO_ROOT)))) \
+	  $(if $(filter imagenet folder,$(DATASET)),$(if $(DATA_ROOT),--root $(call q,$(DATA_ROOT)))) \
+	  $(if $(SPLIT),--split $(call q,$(SPLIT))) $(PROPOSALS_ARGS)
 
 shards: setup
-	$(PY) -m shards.write --dataset $(DATASET) $(SHARDS_ARGS)
+	$(PY) -m shards.write --dataset $(call q,$(DATASET)) $(SHARDS_ARGS)
 
 verify: setup
-	$(PY) -m shards.verify --dataset $(DATASET) $(VERIFY_ARGS)
+	$(PY) -m shards.verify --dataset $(call q,$(DATASET)) $(VERIFY_ARGS)
 
 # Audit (issues 4, 18; preprocess/audit/): distance statistic into existing parts, then the report.
 # WEIGHTS=path/resnet50-0676ba61.pth (else the torch hub cache); STATS_ARGS e.g. --force.
 # BACKBONE= another network: work/pretrain/<run> (export or checkpoint of ours) or
 # timm:<name> with WEIGHTS=<local file>; default torchvision's supervised ResNet-50.
 stats: setup
-	$(PY) -m preprocess.audit.stats --dataset $(DATASET) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(BACKBONE),--backbone $(BACKBONE)) $(STATS_ARGS)
+	$(PY) -m preprocess.audit.stats --dataset $(call q,$(DATASET)) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS))) $(if $(BACKBONE),--backbone $(call q,$(BACKBONE))) $(STATS_ARGS)
 
 # make report DATASETS="coco imagenet" [NAME=...] -> $(WORK_DIR)/report/NAME/{index.html,img/}
 # REPORT_ARGS e.g. "--no-gallery --top 6 --gallery-sample 8".
 report: setup
-	$(PY) -m preprocess.audit.report --datasets "$(DATASETS)" $(if $(NAME),--name $(NAME)) $(REPORT_ARGS)
+	$(PY) -m preprocess.audit.report --datasets $(call q,$(DATASETS)) $(if $(NAME),--name $(call q,$(NAME))) $(REPORT_ARGS)
 
 # Short SoCo run on CPU on $(WORK_DIR)/$(DATASET)/shards, then export (issue 6). NPROC=2 runs
 # torchrun with 2 processes; PRETRAIN_CONFIG picks another recipe; PRETRAIN_ARGS e.g.
@@ -75,8 +80,8 @@ PRETRAIN_CONFIG ?= train/configs/soco_small_cpu.yaml
 NPROC ?= 1
 pretrain: setup
 	$(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC),$(PY)) \
-	  train/pretrain.py --config $(PRETRAIN_CONFIG) data.shards=$(WORK_DIR)/$(DATASET)/shards \
-	  train.out=$(WORK_DIR)/pretrain/$(basename $(notdir $(PRETRAIN_CONFIG))) $(PRETRAIN_ARGS)
+	  train/pretrain.py --config $(call q,$(PRETRAIN_CONFIG)) $(call q,data.shards=$(WORK_DIR)/$(DATASET)/shards) \
+	  $(call q,train.out=$(WORK_DIR)/pretrain/$(basename $(notdir $(PRETRAIN_CONFIG)))) $(PRETRAIN_ARGS)
 
 bench: bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods
 

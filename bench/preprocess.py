@@ -170,14 +170,14 @@ def ray_job(kind: str, root: str, split, n: int, cpus: int, work: Path, measure_
         if not measure_memory:  # memory runs count the workers' own memory as growth, as before
             start = time.perf_counter()
             run(JobConfig(dataset=kind, root=root, split=split, work_dir=str(work / "warmup"),
-                          limit=2 * cpus, batch_size=1, num_cpus=cpus, stats="off"))
+                          limit=2 * cpus, batch_size=1, num_cpus=cpus))
             warmup = round(time.perf_counter() - start, 2)
         time.sleep(2.0)  # let Ray's own processes settle before measuring the idle level
         idle = PeakRSS().current()
         with PeakRSS() as memory:
             start = time.perf_counter()
             run(JobConfig(dataset=kind, root=root, split=split, work_dir=str(work), limit=n, part_size=8,
-                          num_cpus=cpus, stats="off"))
+                          num_cpus=cpus))
             elapsed = time.perf_counter() - start
     finally:
         ray.shutdown()

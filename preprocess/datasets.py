@@ -7,13 +7,22 @@ Kinds:
 - `imagenet`: class folders (`root/<split>/<class>/...` or `root/<class>/...`); label = index of
   the class folder in sorted order.
 - `folder`: any tree of images (jpg, jpeg, png, webp, bmp, tif, tiff), recursive.
+Trees are walked following symlinked folders; a folder reached twice (a link loop) is
+skipped once seen, and counted.
 
 Records are sorted by key, which fixes the Ray job's part boundaries. Files that later fail
 to decode are still listed (they become error rows); only layout problems raise here.
+COCO entries are checked as they are listed (list_images_counted returns the counts,
+which the job puts in its summary): a file_name that leaves the root, or an entry without
+width/height whose file cannot be read, becomes a record with `error` (a failed row saying
+why); a box partly outside the image is clipped, one without area inside it or with a
+negative size is dropped, an annotation whose segmentation cannot be drawn is dropped,
+never the image.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +47,41 @@ class ImageRecord:
     label: int | None  # class index for class-folder datasets
     gt: list | None    # COCO annotations of this image (category_name added); None = no GT
     gt_size: tuple[int, int] | None = field(default=None)  # (width, height) the GT refers to
+    error: str | None = None  # set when the entry itself is unusable: a failed row saying why
 
 
-def _image_files(folder: Path) -> list[Path]:
-    # not is_file(): a dangling link or unreadable entry is listed so it becomes an error row
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+class Counts(dict):
+    """What listing changed or skipped, by reason (goes to the job summary, _job.json)."""
+
+    def add(self, what: str, n: int = 1) -> None:
+        if n:
+            self[what] = self.get(what, 0) + n
+
+
+def _image_files(folder: Path, counts: Counts) -> list[Path]:
+    """Image files under `folder`, following symlinked folders; a folder reached again
+    (a symlink loop, or the same folder twice) is skipped and counted, as are files of
+    other types. Not is_file(): a dangling link or unreadable entry is listed so it
+    becomes an error row."""
+    seen, out = set(), []
+
+    def walk_error(e: OSError) -> None:
+        counts.add("unreadable folders")
+
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=walk_error):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            counts.add("folders skipped: reached twice (symlink loop or duplicate link)")
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in files:
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                out.append(Path(top) / name)
+            else:
+                counts.add("files skipped: not an image extension")
+    return sorted(out)
 
 
 def _require_dir(path: Path, what: str, fix: str) -> Path:
@@ -51,7 +90,95 @@ def _require_dir(path: Path, what: str, fix: str) -> Path:
     return path
 
 
-def _records_from_coco(root: Path, images_dir: Path, ann_file: Path | None) -> list[ImageRecord]:
+def _inside(root: Path, path: Path) -> bool:
+    """Whether `path` (made absolute lexically: '..' collapsed, links not followed) stays
+    under `root`. Lexical, so a dataset that links its images from elsewhere still works."""
+    return os.path.normpath(path).startswith(os.path.join(os.path.normpath(root), ""))
+
+
+def _finite(values) -> bool:
+    try:
+        return bool(np.isfinite(np.asarray(values, np.float64)).all())
+    except (TypeError, ValueError):
+        return False
+
+
+def segmentation_problem(seg, width: int, height: int) -> str | None:
+    """Why a COCO segmentation cannot be drawn on a width x height image, or None."""
+    if seg is None or seg == []:
+        return None
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+            return "RLE without an integer [height, width] size"
+        if tuple(size) != (height, width):
+            return f"RLE size {size[0]}x{size[1]} differs from the image {height}x{width}"
+        try:
+            counts = _rle_counts(seg.get("counts"))
+        except (TypeError, ValueError, IndexError, AttributeError):
+            return "RLE counts unreadable"
+        if any(c < 0 for c in counts) or sum(counts) != height * width:
+            return f"RLE counts cover {sum(counts)} pixels, the image has {height * width}"
+        return None
+    if not isinstance(seg, list) or not all(isinstance(p, list) for p in seg):
+        return "segmentation is neither a list of polygons nor an RLE"
+    for poly in seg:
+        if len(poly) < 6 or len(poly) % 2 or not _finite(poly):
+            return (f"polygon of {len(poly)} values (needs an even count >= 6 of finite "
+                    "numbers)")
+    return None
+
+
+def _checked_annotations(anns: list, width: int, height: int, counts: Counts) -> list:
+    """COCO annotations of one image with their edges handled: a box partly outside the
+    image is clipped to it, one with no area inside it (or a negative or non-finite
+    size) is dropped, an annotation whose segmentation cannot be drawn is dropped.
+    Every change is counted."""
+    out = []
+    for ann in anns:
+        if "bbox" in ann:
+            bbox = ann["bbox"]
+            if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
+                counts.add("annotations dropped: bbox not 4 finite numbers")
+                continue
+            x, y, w, h = (float(v) for v in bbox)
+            if w <= 0 or h <= 0:
+                counts.add("annotations dropped: bbox with zero or negative width/height")
+                continue
+            x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+            x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+            if x1 <= x0 or y1 <= y0:
+                counts.add("annotations dropped: bbox outside the image")
+                continue
+            if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+                counts.add("boxes clipped to the image")
+                ann = dict(ann, bbox=[x0, y0, x1 - x0, y1 - y0])
+        problem = segmentation_problem(ann.get("segmentation"), width, height)
+        if problem:
+            counts.add(f"annotations dropped: bad segmentation ({problem.split(' (')[0]})")
+            continue
+        out.append(ann)
+    return out
+
+
+def _image_size(im: dict, path: Path, counts: Counts) -> tuple[tuple[int, int] | None, str | None]:
+    """(width, height) of a COCO image entry, read from the file when the entry lacks it."""
+    w, h = im.get("width"), im.get("height")
+    if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
+        return (w, h), None
+    try:
+        with Image.open(path) as img:
+            size = img.size
+    except (OSError, ValueError) as e:
+        return None, (f"image entry id={im.get('id')} ({im.get('file_name')}) has no usable "
+                      f"width/height ({w!r}, {h!r}) and {path} cannot be read to get them "
+                      f"({e}); fix the entry in the annotation file")
+    counts.add("image sizes read from the file (entry without width/height)")
+    return size, None
+
+
+def _records_from_coco(root: Path, images_dir: Path, ann_file: Path | None,
+                       counts: Counts) -> list[ImageRecord]:
     """COCO layout: annotated images get their GT; files on disk without an entry get gt=None."""
     records: dict[str, ImageRecord] = {}
     listed: set[str] = set()
@@ -62,17 +189,35 @@ def _records_from_coco(root: Path, images_dir: Path, ann_file: Path | None) -> l
             per_image: dict[int, list] = {im["id"]: [] for im in doc["images"]}
             for ann in doc.get("annotations", []):
                 per_image.setdefault(ann["image_id"], []).append(dict(ann, category_name=names.get(ann["category_id"])))
+            entries = []
+            for i, im in enumerate(doc["images"]):
+                if not (isinstance(im, dict) and isinstance(im.get("id"), int)
+                        and isinstance(im.get("file_name"), str)):
+                    raise DatasetError(f"{ann_file}: images[{i}] lacks an integer 'id' or a "
+                                       "'file_name'; fix that entry (or remove it)")
+                entries.append((coco_key(im["id"]), im, im["file_name"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DatasetError(f"{ann_file}: not a readable COCO instances file ({e}); "
                                "re-download the annotations or remove the file to run without GT") from e
-        for im in doc["images"]:
-            key = coco_key(im["id"])
-            path = images_dir / im["file_name"]
-            listed.add(im["file_name"])
-            records[key] = ImageRecord(key, str(path), path.relative_to(root).as_posix(), None,
-                                       sorted(per_image.get(im["id"], []), key=lambda a: a.get("id", 0)),
-                                       (int(im["width"]), int(im["height"])))
-    for path in _image_files(images_dir):
+        for key, im, file_name in entries:
+            path = images_dir / file_name
+            listed.add(file_name)
+            if not _inside(root, path):
+                counts.add("entries failed: file_name outside the dataset root")
+                records[key] = ImageRecord(key, str(path), file_name, None, None, error=(
+                    f"{ann_file}: image id={im['id']} file_name {file_name!r} resolves outside "
+                    f"the dataset root {root}; fix the file_name (images must lie under the root)"))
+                continue
+            relpath = os.path.relpath(os.path.normpath(path), root).replace(os.sep, "/")
+            size, error = _image_size(im, path, counts)
+            if error:
+                counts.add("entries failed: no width/height")
+                records[key] = ImageRecord(key, str(path), relpath, None, None, error=error)
+                continue
+            anns = sorted(per_image.get(im["id"], []), key=lambda a: a.get("id", 0))
+            records[key] = ImageRecord(key, str(path), relpath, None,
+                                       _checked_annotations(anns, *size, counts), size)
+    for path in _image_files(images_dir, counts):
         rel_in_split = path.relative_to(images_dir).as_posix()
         if rel_in_split in listed:
             continue
@@ -91,6 +236,12 @@ def _class_of(path: Path, classes_root: Path) -> str:
 
 def list_images(kind: str, root, split: str | None = None) -> list[ImageRecord]:
     """All images of a dataset, sorted by key. Raises DatasetError on a bad layout."""
+    return list_images_counted(kind, root, split)[0]
+
+
+def list_images_counted(kind: str, root, split: str | None = None) -> tuple[list[ImageRecord], Counts]:
+    """(list_images, what listing clipped, dropped or skipped, by reason)."""
+    counts = Counts()
     root = Path(root).expanduser().resolve()
     if kind not in KINDS:
         raise DatasetError(f"unknown dataset kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -100,7 +251,8 @@ def list_images(kind: str, root, split: str | None = None) -> list[ImageRecord]:
         if not ann.is_file():
             raise DatasetError(f"{ann} missing: {root} is not a generated sample; run "
                                f"`python -m preprocess.sample --out {root}`")
-        return _records_from_coco(root, _require_dir(root / "images", "sample images", "regenerate the sample"), ann)
+        images = _require_dir(root / "images", "sample images", "regenerate the sample")
+        return _records_from_coco(root, images, ann, counts), counts
     if kind == "coco":
         split = split or "train2017"
         candidates = [root / "images" / split, root / split]
@@ -109,7 +261,7 @@ def list_images(kind: str, root, split: str | None = None) -> list[ImageRecord]:
             raise DatasetError(f"COCO split {split!r} not found under {root}: expected "
                                f"{candidates[0]} or {candidates[1]}; set SPLIT or COCO_ROOT")
         ann = root / "annotations" / f"instances_{split}.json"
-        return _records_from_coco(root, images_dir, ann if ann.is_file() else None)
+        return _records_from_coco(root, images_dir, ann if ann.is_file() else None, counts), counts
     if kind == "imagenet":
         if split and not (root / split).is_dir():
             raise DatasetError(f"imagenet split {split!r} not found: {root / split} is not a folder; "
@@ -120,16 +272,16 @@ def list_images(kind: str, root, split: str | None = None) -> list[ImageRecord]:
             raise DatasetError(f"{base}: no class folders; an imagenet-style root holds one "
                                "folder per class (optionally under a split folder)")
         labels = {c: i for i, c in enumerate(classes)}
-        files = [f for c in classes for f in _image_files(base / c)]
+        files = [f for c in classes for f in _image_files(base / c, counts)]
         records = []
         for path in files:
             relpath = path.relative_to(root).as_posix()
             records.append(ImageRecord(path_key(relpath), str(path), relpath,
                                        labels[_class_of(path, base)], None))
-        return _sorted_unique(records)
-    files = _image_files(root)
+        return _sorted_unique(records), counts
+    files = _image_files(root, counts)
     return _sorted_unique([ImageRecord(path_key(p.relative_to(root).as_posix()), str(p),
-                                       p.relative_to(root).as_posix(), None, None) for p in files])
+                                       p.relative_to(root).as_posix(), None, None) for p in files]), counts
 
 
 def _sorted_unique(records: list[ImageRecord]) -> list[ImageRecord]:

@@ -32,10 +32,11 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.io import atomic_open, atomic_write_text, remove_stale_temporaries, sha256_bytes
+from common.io import (atomic_open, atomic_write_text, exclusive, remove_stale_temporaries,
+                       sha256_bytes, sha256_file)
 from common.paths import proposals_dir, work_dir
 from common.progress import Progress, format_duration
-from preprocess.datasets import ImageRecord, gt_in_stored_frame, list_images
+from preprocess.datasets import DatasetError, ImageRecord, gt_in_stored_frame, list_images_counted
 from preprocess.decode import DecodeError, decode, max_pixels
 from preprocess.mcg import MaskParams, encode_bitfield_png, mcg_masks
 from preprocess.proposals import ProposalParams, propose
@@ -67,6 +68,7 @@ class JobConfig:
     proposals: ProposalParams = field(default_factory=ProposalParams)
     segments: SegmentParams = field(default_factory=SegmentParams)
     masks: MaskParams = field(default_factory=MaskParams)
+    refresh_changed: bool = False     # redo the parts holding images whose bytes changed (sha256)
 
     @property
     def out_name(self) -> str:
@@ -87,7 +89,8 @@ class JobConfig:
 def _item(record: ImageRecord, part: int) -> dict:
     return {"key": record.key, "path": record.path, "relpath": record.relpath, "label": record.label,
             "gt": None if record.gt is None else json.dumps(record.gt),
-            "gt_size": None if record.gt_size is None else list(record.gt_size), "part": part}
+            "gt_size": None if record.gt_size is None else list(record.gt_size), "part": part,
+            "error": record.error}
 
 
 def process_image(item: dict, params: dict) -> dict:
@@ -96,6 +99,8 @@ def process_image(item: dict, params: dict) -> dict:
     row = {"key": item["key"], "source_path": item["relpath"], "status": "failed",
            "label": item.get("label")}
     try:
+        if item.get("error"):  # the dataset listing refused this entry (preprocess.datasets)
+            raise DecodeError(item["error"])
         try:
             data = Path(item["path"]).read_bytes()
         except OSError as e:
@@ -117,7 +122,7 @@ def process_image(item: dict, params: dict) -> dict:
                                         sort_keys=True)
             row["gt_png"] = None if label_map is None else encode_label_png(label_map, bits=16)
         row["status"] = "ok"
-    except DecodeError as e:
+    except (DecodeError, DatasetError) as e:  # the file or its annotations: the user's to fix
         row["error"] = str(e)
     except Exception as e:  # any other per-image failure is recorded, never fatal to the job
         row["error"] = (f"{type(e).__name__}: {e} (while processing {item['path']}); "
@@ -171,7 +176,7 @@ def _lost_row(item: dict) -> dict:
 def write_part(path: Path, rows: list[dict], params: dict) -> None:
     rows = sorted(rows, key=lambda r: r["key"])
     table = PROPOSALS.from_rows([{k: v for k, v in r.items() if k != PATH_COLUMN} for r in rows], params)
-    with atomic_open(path) as f:
+    with atomic_open(path, "a proposals part") as f:
         pq.write_table(table, f, compression="zstd")
 
 
@@ -209,17 +214,47 @@ def start_ray(num_cpus: int | None) -> tuple[bool, int]:
     return True, cpus
 
 
+def changed_images(out: Path, records: list[ImageRecord], part_size: int) -> dict[int, list[str]]:
+    """{part: keys} of the images whose file bytes no longer have the sha256 their row
+    recorded (changed, replaced, or readable now and not before); reads every image."""
+    changed: dict[int, list[str]] = {}
+    for p in range(math.ceil(len(records) / part_size)):
+        path = out / PART_NAME.format(p)
+        if not path.is_file():
+            continue
+        mine = {r.key: r for r in records[p * part_size:(p + 1) * part_size]}
+        table = pq.read_table(path, columns=["key", "sha256"])
+        for key, recorded in zip(table.column("key").to_pylist(), table.column("sha256").to_pylist()):
+            try:
+                now = sha256_file(mine[key].path) if key in mine else recorded
+            except OSError:
+                now = None
+            if now != recorded:
+                changed.setdefault(p, []).append(key)
+    return changed
+
+
 def run(config: JobConfig, stages: Sequence[Stage] = ()) -> dict:
     """Run (or resume) the job with `stages` after the per-image step; returns the summary
-    that is also written to _job.json."""
-    records = list_images(config.dataset, config.root, config.split)
+    that is also written to _job.json.
+    One job per output folder at a time (a lock in it); a second one stops at once."""
+    records, listing = list_images_counted(config.dataset, config.root, config.split)
     if config.limit:
         records = records[: config.limit]
     if not records:
         raise JobError(f"no images found for dataset {config.dataset!r} under {config.root}; "
                        "check the root folder and the split")
     out = config.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / ".lock", f"another make proposals is writing {out}; wait for it to "
+                   "finish (or stop it), then rerun: finished parts are kept"):
+        return _run_locked(config, records, listing, out, stages)
+
+
+def _run_locked(config: JobConfig, records: list[ImageRecord], listing: dict, out: Path,
+                stages: Sequence[Stage]) -> dict:
+    if listing:
+        print(f"[proposals] listing {config.dataset}: " + "; ".join(
+            f"{n} {what}" for what, n in sorted(listing.items())), flush=True)
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"[proposals] removed {removed} unfinished temporary file(s) of a killed run", flush=True)
@@ -228,12 +263,19 @@ def run(config: JobConfig, stages: Sequence[Stage] = ()) -> dict:
     job = {"params": params, "root": str(config.root), "image_list_sha256": image_list_hash(records),
            "num_images": len(records), "num_parts": n_parts, "complete": False}
     _check_previous(out, job)
-    atomic_write_text(out / JOB_FILE, json.dumps(job, indent=2, sort_keys=True))
+    atomic_write_text(out / JOB_FILE, json.dumps(job, indent=2, sort_keys=True), "the job summary (_job.json)")
 
+    refreshed = changed_images(out, records, config.part_size) if config.refresh_changed else {}
+    for part, keys in sorted(refreshed.items()):
+        print(f"[proposals] part {part}: {len(keys)} image(s) changed since they were processed "
+              f"({', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}); redoing the part", flush=True)
+        (out / PART_NAME.format(part)).unlink()
     todo = [p for p in range(n_parts) if not (out / PART_NAME.format(p)).is_file()]
     items = [_item(r, p) for p in todo for r in records[p * config.part_size:(p + 1) * config.part_size]]
     print(f"[proposals] {len(records)} images in {n_parts} parts -> {out}; "
-          f"{n_parts - len(todo)} parts already done, {len(todo)} to do", flush=True)
+          f"{n_parts - len(todo)} parts already done, {len(todo)} to do"
+          f"{'' if todo or config.refresh_changed else ' (source images changed since? PROPOSALS_ARGS=--refresh-changed re-checks them)'}",
+          flush=True)
     start = time.perf_counter()
     if items:
         for stage in stages:
@@ -248,9 +290,11 @@ def run(config: JobConfig, stages: Sequence[Stage] = ()) -> dict:
     by_rule = Counter(r for r in table.column("filter_rule").to_pylist() if r is not None)
     job.update(complete=True, counts={"status": dict(sorted(by_status.items())),
                                       "filter_rule": dict(sorted(by_rule.items()))},
+               listing=dict(sorted(listing.items())),
+               refreshed={"parts": len(refreshed), "images": sum(map(len, refreshed.values()))},
                processed_this_run=len(items), elapsed_s=round(elapsed, 3),
                images_per_s=round(len(items) / elapsed, 3) if items and elapsed > 0 else None)
-    atomic_write_text(out / JOB_FILE, json.dumps(job, indent=2, sort_keys=True))
+    atomic_write_text(out / JOB_FILE, json.dumps(job, indent=2, sort_keys=True), "the job summary (_job.json)")
     rate = f"{len(items) / elapsed:.2f} img/s" if items and elapsed > 0 else "nothing to do"
     print(f"[proposals] done: {table.num_rows} rows in {n_parts} parts; status {dict(by_status)}; "
           f"filter rule {dict(by_rule)}; this run {len(items)} images in {format_duration(elapsed)} "
@@ -335,11 +379,14 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=os.environ.get("WEIGHTS") or None, help="ResNet-50 weights file")
     p.add_argument("--backbone", default=os.environ.get("BACKBONE") or None,
                    help="network of the statistic (see preprocess.audit.backbones)")
+    p.add_argument("--refresh-changed", action="store_true",
+                   help="hash every source image and redo the parts holding ones that changed "
+                        "since they were processed (what make shards asks for when a source changed)")
     a = p.parse_args(argv)
     try:
         config = JobConfig(dataset=a.dataset, root=_default_root(a.dataset, a), split=a.split, name=a.name,
                            work_dir=a.work_dir, part_size=a.part_size, batch_size=a.batch_size,
-                           num_cpus=a.num_cpus, limit=a.limit,
+                           num_cpus=a.num_cpus, limit=a.limit, refresh_changed=a.refresh_changed,
                            proposals=ProposalParams(mode=a.mode, max_side=a.max_side, max_boxes=a.max_boxes))
         from preprocess.audit.stage import job_stage  # the command line chooses the stages
         stage = job_stage(a.stats, a.weights, a.backbone)
@@ -347,7 +394,7 @@ def main(argv=None) -> int:
             print("[proposals] distance statistic: off (no weights or --stats off; `make stats` adds it later)",
                   flush=True)
         run(config, [] if stage is None else [stage])
-    except (JobError, ValueError) as e:
+    except (JobError, ValueError, OSError) as e:  # disk full, unreadable root...: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

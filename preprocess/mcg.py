@@ -20,7 +20,8 @@ models and a learned ranker, none of which we can ship. What we do, in the same 
    (a merge and its parts can both survive).
 
 Masks are upsampled to the original size with nearest neighbour and stored as one 16-bit
-PNG bitfield: bit i of a pixel is set when mask i (rank i, best first) covers it.
+PNG bitfield: bit i of a pixel is set when mask i (rank i, best first) covers it (decoded by
+shards.format.decode_bitfield_png, the one reader of the format).
 """
 from __future__ import annotations
 
@@ -181,10 +182,3 @@ def encode_bitfield_png(masks: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(field).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def decode_bitfield_png(data: bytes, num_masks: int) -> np.ndarray:
-    """bool [num_masks, H, W] from a bitfield PNG."""
-    field = np.asarray(Image.open(io.BytesIO(data))).astype(np.uint16)
-    return np.stack([(field >> np.uint16(i)) & 1 for i in range(num_masks)]).astype(bool) \
-        if num_masks else np.zeros((0,) + field.shape, bool)

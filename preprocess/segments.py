@@ -12,7 +12,8 @@ neighbour, so it always has the original's size.
 
 Label ids are 0..n-1 in raster order of first appearance (deterministic). DetCon stored
 uint8 and silently wrapped ids >= 256; here the PNG is 8-bit when the largest id is <= 255
-and 16-bit otherwise, and more than 65536 segments is an error, never a wrap.
+and 16-bit otherwise, and more than 65536 segments is an error, never a wrap. Decoding
+lives with the sample format: shards.format.decode_label_png.
 """
 from __future__ import annotations
 
@@ -80,9 +81,3 @@ def encode_label_png(labels: np.ndarray, bits: int | None = None) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(labels.astype(dtype)).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def decode_label_png(data: bytes) -> np.ndarray:
-    """Inverse of encode_label_png (also reads the MCG bitfield): HxW uint16."""
-    img = Image.open(io.BytesIO(data))
-    return np.asarray(img).astype(np.uint16)

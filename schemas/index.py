@@ -17,7 +17,7 @@ MEMBER = pa.struct([
     pa.field("size", pa.int64(), nullable=False),
 ])
 
-INDEX = make_table_schema("index", "1.0", [
+INDEX = make_table_schema("index", "1.1", [
     field("key", pa.string(), "sample key, unique in the dataset (common.keys)", nullable=False),
     field("status", pa.string(), "'ok' (packed) or 'failed' (not packed, see error)",
           nullable=False),
@@ -30,6 +30,8 @@ INDEX = make_table_schema("index", "1.0", [
     field("crc32", pa.int64(), "zlib.crc32 of those tar_size bytes (catches altered shards)"),
     field("members", pa.list_(MEMBER), "each member in tar order: extension (after the "
           "first dot), data offset in the tar, data size in bytes"),
+    field("member_crc32", pa.list_(pa.int64()), "zlib.crc32 of each member's data, in the order "
+          "of members (1.1; null in 1.0 indexes, whose readers check the whole-sample crc32)"),
     field("source_path", pa.string(), "image path relative to the dataset root",
           nullable=False),
     field("sha256", pa.string(), "sha256 of the source file bytes"),
@@ -51,7 +53,7 @@ INDEX = make_table_schema("index", "1.0", [
 ])
 
 # manifest.json carries this under "schema_version"; same MAJOR.MINOR rules as the tables.
-MANIFEST_VERSION = "1.0"
+MANIFEST_VERSION = "1.1"  # 1.1: per-member crc32, label maps stored at their own bit depth
 MANIFEST_REQUIRED = ("schema_version", "dataset", "num_samples", "shards", "packing",
                      "preprocessing", "packages")
 

@@ -87,15 +87,6 @@ def end_of_archive(size_so_far: int) -> bytes:
     return b"\0" * (2 * BLOCK + (-end % RECORD))
 
 
-def dali_index_line(key: str, entries: list[dict]) -> str:
-    """One sample of a DALI webdataset index v1.2: `ext offset size name` per member."""
-    return " ".join(f"{e['ext']} {e['offset']} {e['size']} {key}.{e['ext']}" for e in entries)
-
-
-def dali_index(lines: list[str]) -> str:
-    return f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines)
-
-
 def iter_members(f: BinaryIO, shard: str) -> Iterator[tuple[str, int, int, int]]:
     """Walk a tar from the current position: (name, header offset, data offset, size).
 

@@ -21,45 +21,20 @@ from common.paths import shards_dir
 from common.progress import Progress
 from schemas import validate
 from schemas.index import INDEX, check_manifest
-from shards.reader import INDEX_FILE, MANIFEST, Sample, iter_tar
-from shards.tarfmt import ShardError, check_shard_name, dali_index, dali_index_line
-from shards.write import SampleError, png_size
+from shards import format as fmt
+from shards.reader import INDEX_FILE, MANIFEST, iter_tar
+from shards.tarfmt import ShardError, check_shard_name
 
 
 def check_sample(key: str, members: dict[str, bytes], row: dict, decode: bool) -> list[str]:
-    """Problems with one sample's content, given its index row."""
-    problems = []
-    if len(members.get("boxes", b"")) != 16 * (row["num_boxes"] or 0):
-        problems.append(f"boxes has {len(members.get('boxes', b''))} bytes, index says "
-                        f"{row['num_boxes']} boxes")
-    try:
-        meta = json.loads(members["json"])
-        if meta.get("key") != key or (meta.get("width"), meta.get("height")) != (row["width"], row["height"]):
-            problems.append(f"{key}.json disagrees with the index (key or size)")
-    except (KeyError, ValueError) as e:
-        problems.append(f"{key}.json unreadable ({e})")
-    for ext in ("fh.png", "mcg.png", "gt.png"):
-        if ext in members:
-            try:
-                w, h, _ = png_size(members[ext], f"{key}.{ext}")
-                if (w, h) != (row["width"], row["height"]):
-                    problems.append(f"{key}.{ext} is {w}x{h}, the image is "
-                                    f"{row['width']}x{row['height']}")
-            except SampleError as e:
-                problems.append(str(e))
-    if "gt.json" in members:
+    """Problems with one sample's content, given its index row (shards.format's checks)."""
+    problems = fmt.sample_problems(key, members, row["width"], row["height"], row["num_boxes"] or 0,
+                                   jpeg=decode, pngs=decode)
+    if decode and not problems and "mcg.png" in members:
         try:
-            json.loads(members["gt.json"])
-        except ValueError as e:
-            problems.append(f"{key}.gt.json unreadable ({e})")
-    if decode and not problems:
-        try:
-            sample = Sample(key, members)
-            if sample.image.shape[:2] != (row["height"], row["width"]):
-                problems.append(f"{key}.jpg decodes to {sample.image.shape[:2]}")
-            sample.fh, sample.mcg, sample.gt_labels
-        except (ShardError, OSError, ValueError) as e:
-            problems.append(f"decode failed: {e}")
+            fmt.decode_bitfield_png(members["mcg.png"], row["num_masks"] or 0, f"{key}.mcg.png")
+        except fmt.MemberError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -76,11 +51,16 @@ def verify_shard(path: Path, record: dict, rows: list[dict], decode: bool,
     if sha256_file(path) != record["sha256"]:
         problems.append(f"shard {name}: sha256 differs from the manifest (altered or corrupted)")
     by_key = {r["key"]: r for r in rows}
-    expected_idx = dali_index([dali_index_line(r["key"], r["members"])
-                               for r in sorted(rows, key=lambda r: r["position"])])
     idx = path.with_suffix(".idx")
-    if not idx.is_file() or idx.read_text() != expected_idx:
-        problems.append(f"shard {name}: {idx.name} missing or disagrees with the index")
+    expected = [(r["key"], {m["ext"]: (m["offset"], m["size"]) for m in r["members"]})
+                for r in sorted(rows, key=lambda r: r["position"])]
+    try:
+        if fmt.parse_index(idx.read_text(), idx.name, path.stat().st_size) != expected:
+            problems.append(f"shard {name}: {idx.name} disagrees with the index")
+    except FileNotFoundError:
+        problems.append(f"shard {name}: {idx.name} missing")
+    except fmt.MemberError as e:
+        problems.append(f"shard {name}: {e}")
     position = 0
     try:
         with open(path, "rb") as raw:
@@ -98,6 +78,10 @@ def verify_shard(path: Path, record: dict, rows: list[dict], decode: bool,
                 raw.seek(row["tar_offset"])
                 if crc32(raw.read(row["tar_size"])) != row["crc32"]:
                     problems.append(f"{where}: crc32 differs from the index (altered bytes)")
+                for m, want in zip(row["members"], row["member_crc32"] or []):
+                    if m["ext"] in members and crc32(members[m["ext"]]) != want:
+                        problems.append(f"{where}: member {key}.{m['ext']} at offset "
+                                        f"{m['offset']}: crc32 differs from the index")
                 listed = [(m["ext"], m["size"]) for m in row["members"]]
                 actual = [(ext, len(data)) for ext, data in members.items()]
                 if listed != actual:

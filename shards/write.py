@@ -12,12 +12,9 @@ is written last, so its presence means the whole set is complete."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import struct
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,13 +22,12 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common.io import (atomic_open, atomic_write_text, crc32, remove_stale_temporaries,
-                       sha256_bytes, sha256_file)
+from common.io import (DiskFullError, atomic_open, atomic_write_text, crc32, exclusive,
+                       is_disk_full, remove_stale_temporaries, sha256_bytes, sha256_file)
 from common.keys import check_key
 from common.paths import proposals_dir, shards_dir
 from common.progress import Progress
@@ -39,16 +35,22 @@ from preprocess.decode import STORED_JPEG_QUALITY, DecodeError, stored_jpeg
 from schemas import SchemaError, table_params, validate
 from schemas.index import INDEX, MANIFEST_VERSION, check_manifest
 from schemas.proposals import PROPOSALS
-from shards.tarfmt import (check_shard_name, dali_index, dali_index_line, end_of_archive,
-                           pack_sample)
+from shards import format as fmt
+from shards.tarfmt import check_shard_name, end_of_archive, pack_sample
 
 ROWS_DIR = "_rows"
 PLAN_FILE = "plan.json"
 PACKAGES = ("numpy", "pyarrow", "pillow", "opencv-contrib-python-headless", "webdataset",
-            "nvidia-dali-cuda120", "ray", "torch", "torchvision")
-MEMBER_ORDER = ("jpg", "boxes", "fh.png", "mcg.png", "gt.png", "gt.json", "json")
+            "nvidia-dali-cuda120", "ray", "torch", "torchvision", "simplejpeg")
 STAT_COLUMNS = ("resnet_distance_mean", "resnet_distance_std", "resnet_distance_pairs",
                 "stats_meaningful")
+
+
+def refresh_fix(dataset: str) -> str:
+    """What to run when a source image changed after make proposals."""
+    return (f"reprocess the changed images with make proposals DATASET={dataset} "
+            f"PROPOSALS_ARGS=--refresh-changed, then repack with make shards DATASET={dataset} "
+            "SHARDS_ARGS=--overwrite")
 
 
 @dataclass(frozen=True)
@@ -60,45 +62,20 @@ class PackParams:
     jpeg_quality: int = STORED_JPEG_QUALITY  # only when the source must be re-encoded
     mtime: int = 0                   # of every tar member
     tar_format: str = "gnu"
-    png_bit_depth: int = 16          # every label map PNG (see as_16bit_png)
 
 
 class SampleError(ValueError):
     """One image cannot be packed; it becomes a failed index row, the rest go on."""
 
 
-def png_size(data: bytes, what: str) -> tuple[int, int, int]:
-    """(width, height, bit depth) of a single-channel PNG from its IHDR, without decoding."""
-    if len(data) < 29 or data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
-        raise SampleError(f"{what} is not a PNG")
-    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    if colour != 0:
-        raise SampleError(f"{what} is not a single-channel (grey) PNG")
-    return width, height, depth
-
-
-def as_16bit_png(data: bytes, depth: int) -> bytes:
-    """Label maps go into shards as 16-bit PNGs, all of them.
-
-    DALI decodes a PNG to uint16 only with output_type=ANY_DATA, and then scales an
-    8-bit one by 257; a pipeline cannot switch per sample, so a mix of depths would
-    give wrong ids. Widening here lets every label map decode the same way."""
-    if depth == 16:
-        return data
-    labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if labels is None or labels.ndim != 2:
-        raise SampleError("a label map PNG does not decode to one channel; rerun make proposals")
-    ok, buf = cv2.imencode(".png", labels.astype(np.uint16))
-    if not ok:
-        raise SampleError("could not re-encode a label map as a 16-bit PNG")
-    return buf.tobytes()
-
-
-def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dict]:
-    """The tar members of one proposals row, and the extra index fields they imply.
+def sample_members(row: dict, root: Path, params: PackParams, dataset: str = "<ds>"
+                   ) -> tuple[list, dict]:
+    """The tar members of one proposals row (shards.format order and codecs), and the
+    extra index fields they imply.
 
     Reads the source image once: its sha256 must match what preprocessing saw, and the
-    stored JPEG must have the size the boxes and label maps refer to."""
+    stored JPEG must decode strictly (no libjpeg warning) to the size the boxes and
+    label maps refer to; shards.format checks every member before it is packed."""
     key, w, h = row["key"], row["width"], row["height"]
     src = root / row["source_path"]
     try:
@@ -108,41 +85,33 @@ def sample_members(row: dict, root: Path, params: PackParams) -> tuple[list, dic
                           "rerun make proposals") from e
     if row["sha256"] and sha256_bytes(data) != row["sha256"]:
         raise SampleError(f"source image {src} changed since make proposals (sha256 differs); "
-                          "rerun make proposals so boxes match the pixels")
+                          f"{refresh_fix(dataset)}")
     try:
-        jpeg, rgb = stored_jpeg(src, params.jpeg_quality, data=data)
+        jpeg, _ = stored_jpeg(src, params.jpeg_quality, data=data)
     except DecodeError as e:
         raise SampleError(str(e)) from e
-    if rgb.shape[:2] != (h, w):
-        raise SampleError(f"{src}: decodes to {rgb.shape[1]}x{rgb.shape[0]} but proposals say "
-                          f"{w}x{h}; rerun make proposals")
     boxes = np.asarray(row["boxes"] or [], dtype=np.float32).reshape(-1, 4)
-    if len(boxes) == 0 or len(boxes) != row["num_boxes"]:
-        raise SampleError(f"{key}: {len(boxes)} boxes (num_boxes={row['num_boxes']}); every "
-                          "image needs >= 1 (whole-image fallback): rerun make proposals")
-    x1, y1, x2, y2 = boxes.T
-    if not (np.isfinite(boxes).all() and (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w).all()
-            and (y2 <= h).all() and (x1 < x2).all() and (y1 < y2).all()):
-        raise SampleError(f"{key}: boxes outside the {w}x{h} image or empty; rerun make proposals")
-    members = [("jpg", jpeg), ("boxes", boxes.astype("<f4").tobytes())]
+    if len(boxes) != row["num_boxes"]:
+        raise SampleError(f"{key}: {len(boxes)} boxes but num_boxes={row['num_boxes']}; "
+                          "rerun make proposals")
+    members = [("jpg", jpeg), ("boxes", fmt.encode_boxes(boxes))]
     for ext, col in (("fh.png", "fh_png"), ("mcg.png", "mcg_png"), ("gt.png", "gt_png")):
-        png = row[col]
-        if png is None:
+        if row[col] is None:
             if col == "gt_png":
                 continue
             raise SampleError(f"{key}: no {col} in the proposals row; rerun make proposals")
-        pw, ph, depth = png_size(png, f"{key}.{ext}")
-        if (pw, ph) != (w, h) or depth not in (8, 16):
-            raise SampleError(f"{key}.{ext} is {pw}x{ph} {depth}-bit, expected {w}x{h} 8/16-bit; "
-                              "rerun make proposals")
-        members.append((ext, as_16bit_png(png, depth)))
+        members.append((ext, row[col]))  # stored as produced, 8- or 16-bit (format.decode_label_png)
     if row["gt_json"] is not None:
         members.append(("gt.json", row["gt_json"].encode("utf-8")))
     meta = {"key": key, "width": w, "height": h, "source_path": row["source_path"],
             "sha256": row["sha256"], "num_boxes": len(boxes), "num_segments": row["num_segments"],
             "num_masks": row["num_masks"], "label": row["label"], "filter_rule": row["filter_rule"],
             "mask_scores": [float(s) for s in (row["mask_scores"] or [])]}
-    members.append(("json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()))
+    members.append(("json", fmt.encode_meta(meta)))
+    problems = fmt.sample_problems(key, dict(members), w, h, jpeg=True, pngs=True)
+    if problems:
+        raise SampleError(f"{src}: {'; '.join(problems)}; rerun make proposals (or replace the "
+                          "source image if it is damaged)")
     extra = {"jpeg_sha256": sha256_bytes(jpeg), "jpeg_reencoded": jpeg != data,
              "has_gt": row["gt_json"] is not None}
     return members, extra
@@ -202,8 +171,10 @@ def load_parts(pdir: Path, spill: Path) -> tuple[pa.Table, list[dict], dict]:
                 out.write_table(t.replace_schema_metadata(None))
                 fingerprints.append({"name": p.name, "rows": t.num_rows,
                                      "content_sha256": content_digest(t)})
-    except BaseException:
+    except BaseException as e:
         spill.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFullError(spill, "a temporary copy of the proposals parts") from None
         raise
     table = pa.ipc.open_file(pa.memory_map(str(spill))).read_all()
     return table, fingerprints, {"job": job, "part_params": params}
@@ -237,7 +208,7 @@ def shuffled_order(keys: list[str], seed: int) -> list[int]:
 def write_index(rows: list[dict], path: Path, params: dict) -> None:
     rows = sorted(rows, key=lambda r: r["key"])
     table = INDEX.from_rows(rows, params=params)
-    with atomic_open(path) as f:
+    with atomic_open(path, "the shard index (index.parquet)") as f:
         pq.write_table(table, f, compression="zstd")
 
 
@@ -319,7 +290,7 @@ class Writer:
                 p.unlink(missing_ok=True)
         self.rows_dir.mkdir(parents=True, exist_ok=True)
         if not plan_path.is_file():
-            atomic_write_text(plan_path, plan)
+            atomic_write_text(plan_path, plan, "the packing plan")
 
     def finished_shards(self) -> list[dict]:
         """Records of the leading run of complete shards (tar, idx and rows all present)."""
@@ -357,7 +328,7 @@ class Writer:
     def build(self, pos: int) -> Built:
         row = self.row(self.order[pos])
         try:
-            return Built(pos, row, *sample_members(row, self.root, self.params))
+            return Built(pos, row, *sample_members(row, self.root, self.params, self.dataset))
         except SampleError as e:
             return Built(pos, row, error=f"packing: {e}")
 
@@ -389,7 +360,7 @@ class Writer:
         name = self.shard_name(number)
         rows, idx_lines, size = [], [], 0
         digest = hashlib.sha256()
-        with atomic_open(self.out / name) as f:
+        with atomic_open(self.out / name, "a shard tar") as f:
             while item := stream.peek():
                 if item.error:
                     failures.append(index_row(item.row, status="failed", error=item.error))
@@ -406,21 +377,24 @@ class Writer:
                 digest.update(data)
                 rows.append(index_row(item.row, status="ok", error=None, shard=name,
                                       position=len(rows), tar_offset=size, tar_size=len(data),
-                                      crc32=crc32(data), members=entries, **item.extra))
-                idx_lines.append(dali_index_line(item.row["key"], entries))
+                                      crc32=crc32(data), members=entries,
+                                      member_crc32=[crc32(m) for _, m in item.members],
+                                      **item.extra))
+                idx_lines.append(fmt.index_line(item.row["key"], entries))
                 size = grown
                 progress.update()
             tail = end_of_archive(size)
             f.write(tail)
             digest.update(tail)
         end = stream.peek().pos if stream.peek() else len(self.order)
-        atomic_write_text((self.out / name).with_suffix(".idx"), dali_index(idx_lines))
+        atomic_write_text((self.out / name).with_suffix(".idx"), fmt.index_text(idx_lines),
+                          "a DALI index (.idx)")
         record = {"name": name, "sha256": digest.hexdigest(), "bytes": size + len(tail),
                   "num_samples": len(rows), "start": start, "end": end}
         table = INDEX.from_rows(rows + failures)
         table = table.replace_schema_metadata(table.schema.metadata | {
             b"shard": json.dumps(record, sort_keys=True).encode()})
-        with atomic_open(self.rows_dir / name.replace(".tar", ".parquet")) as rf:
+        with atomic_open(self.rows_dir / name.replace(".tar", ".parquet"), "a shard's index rows") as rf:
             pq.write_table(table, rf, compression="zstd")
         return record | {"rows": rows + failures}
 
@@ -455,7 +429,7 @@ class Writer:
             "shards": [{k: s[k] for k in ("name", "sha256", "bytes", "num_samples")} for s in shards],
             "index": {"file": "index.parquet", "schema_version": INDEX.version,
                       "sha256": sha256_file(self.out / "index.parquet")},
-            "packing": asdict(self.params) | {"member_order": list(MEMBER_ORDER),
+            "packing": asdict(self.params) | {"member_order": list(fmt.MEMBER_ORDER),
                                               "shuffle": "numpy default_rng(seed).permutation "
                                                          "of the key-sorted ok samples"},
             "preprocessing": self.preprocessing,
@@ -464,7 +438,8 @@ class Writer:
             "packages": package_versions(),
         }
         check_manifest(manifest, "manifest being written")
-        atomic_write_text(self.out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        atomic_write_text(self.out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True),
+                          "manifest.json")
         failed_pack = sum(1 for r in rows if (r["error"] or "").startswith("packing:"))
         print(f"[shards {self.dataset}] done: {packed} samples in {len(shards)} shards "
               f"({sum(s['bytes'] for s in shards) / 1e6:.1f} MB) at {self.out}; "
@@ -475,18 +450,6 @@ class Writer:
         return manifest
 
 
-@contextlib.contextmanager
-def exclusive(out: Path):
-    """One writer per shards folder: a second one would delete the first's temporaries."""
-    (out / ROWS_DIR).mkdir(parents=True, exist_ok=True)
-    with open(out / ROWS_DIR / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another make shards is writing {out}; wait for it to finish") from None
-        yield
-
-
 def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=None, out=None,
                  root=None, overwrite: bool = False, workers: int | None = None) -> dict:
     """Pack WORK_DIR/<dataset>/proposals into WORK_DIR/<dataset>/shards; returns the manifest."""
@@ -495,7 +458,8 @@ def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=N
     if not any(pdir.glob("part-*.parquet")):  # before creating anything under `out`
         raise FileNotFoundError(f"no proposals parts (part-*.parquet) in {pdir}; run "
                                 f"make proposals DATASET={dataset} first")
-    with exclusive(out):
+    with exclusive(out / ROWS_DIR / ".lock", f"another make shards is writing {out}; wait for "
+                   "it to finish"):
         return Writer(dataset, pdir, out, params, root, workers).run(overwrite)
 
 
@@ -533,8 +497,12 @@ def main(argv=None) -> int:
         ap.error("--max-samples and --max-bytes must be >= 1, --jpeg-quality in 1..100")
     params = PackParams(seed=a.seed, max_samples=a.max_samples, max_bytes=a.max_bytes,
                         jpeg_quality=a.jpeg_quality)
-    write_shards(a.dataset, params, proposals=a.proposals, out=a.out, root=a.root,
-                 overwrite=a.overwrite, workers=a.workers)
+    try:
+        write_shards(a.dataset, params, proposals=a.proposals, out=a.out, root=a.root,
+                     overwrite=a.overwrite, workers=a.workers)
+    except (OSError, ValueError) as e:  # disk full, missing parts, bad rows: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

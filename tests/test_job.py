@@ -18,10 +18,9 @@ from PIL import Image
 from common.paths import proposals_dir
 from preprocess.datasets import list_images
 from preprocess.job import JOB_FILE, JobConfig, JobError, read_parts, run
-from preprocess.mcg import decode_bitfield_png
 from preprocess.proposals import ProposalParams
-from preprocess.segments import decode_label_png
 from preprocess.stages import Stage
+from shards.format import decode_bitfield_png, decode_label_png
 from schemas import table_version
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,7 +36,8 @@ def syn_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def syn_labels(syn_shards):
     src = ShardSource(syn_shards)
-    return [decode_png(src._read(r, "fh.png"), r.key) for r in src.refs]
+    return [decode_png(src.data.read_members(src.data.row(i), ["fh.png"])["fh.png"], k)
+            for i, k in enumerate(src.keys)]
 
 
 def exact_loader(recipe, shards, backend, **kw):
@@ -252,25 +253,14 @@ def test_truncated_shard_is_named_with_the_fix(syn_shards, tmp_path):
         build_loader("soco", bad, BATCH, backend="reference")
 
 
-def test_missing_index_and_missing_member_are_named(syn_shards, tmp_path):
-    bad = tmp_path / "shards"
-    shutil.copytree(syn_shards, bad)
-    idx = sorted(bad.glob("*.idx"))[1]
-    idx.unlink()
-    with pytest.raises(ShardReadError, match=f"{idx}.*wds2idx"):
-        build_loader("mocov2", bad, BATCH)
-    with pytest.raises(ShardReadError, match=r"no \*\.tar shards"):
+def test_a_folder_without_shards_and_a_missing_member_are_named(tmp_path):
+    from train.loader.synthetic import draw_image, jpeg, pack
+    with pytest.raises(ShardReadError, match=r"manifest\.json not found.*make shards"):
         build_loader("mocov2", tmp_path / "empty", BATCH)
-    good = tmp_path / "nogt"
-    shutil.copytree(syn_shards, good)
-    first = sorted(good.glob("*.idx"))[0]
-    lines = first.read_text().splitlines()
-    cut = lines[1].split()
-    gt = cut.index("gt.png")
-    lines[1] = " ".join(cut[:gt] + cut[gt + 4:])  # sample without a ground-truth map
-    first.write_text("\n".join(lines) + "\n")
-    loader = build_loader("detcon", good, N_SYN, backend="reference", num_workers=0, mask_source="gt")
-    with pytest.raises(ShardReadError, match=r"gt\.png is missing.*mask source"):
+    rgb, labels, rects = draw_image(np.random.default_rng(0), 96, 64, 2)
+    shards = pack(tmp_path / "nogt", [("nogt", jpeg(rgb), labels, rects)], gt=False)
+    loader = build_loader("detcon", shards, 1, backend="reference", num_workers=0, mask_source="gt")
+    with pytest.raises(ShardReadError, match=r"nogt\.gt\.png is missing.*mask source"):
         next(iter(loader))
 
 
@@ -411,31 +401,30 @@ def test_every_recipe_on_the_built_in_sample_shards(backend, sample_shards):
             assert batch[mask_key].min() >= 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grey_jpeg_gives_rgb_views_and_a_broken_jpeg_is_named(backend, tmp_path):
-    """A single-channel JPEG (as some COCO images are) yields 3-channel views; a JPEG
-    that does not decode fails with the shard and sample named."""
+def test_a_grey_jpeg_is_stored_as_rgb_and_a_broken_jpeg_fails_packing_naming_its_key(tmp_path):
+    """A single-channel JPEG (as some COCO images are) is re-encoded as RGB by the writer,
+    so views are 3-channel; a JPEG that does not decode is a failed row naming its key,
+    never a shard member."""
     import io
 
     from PIL import Image
 
-    from train.loader.synthetic import draw_image, sample_members, write_tar
+    from shards.reader import ShardDataset
+    from train.loader.synthetic import draw_image, pack
     rng = np.random.default_rng(0)
-    members = []
+    images = []
     for key in ("grey", "broken"):
         rgb, labels, rects = draw_image(rng, 96, 64, 2)
-        m = dict(sample_members(key, rgb, labels, rects))
         buf = io.BytesIO()
         Image.fromarray(rgb[:, :, 0]).save(buf, "JPEG", quality=90)
-        m["jpg"] = buf.getvalue() if key == "grey" else b"\xff\xd8not a jpeg"
-        members.append((key, list(m.items())))
-    write_tar(tmp_path / "a-000000.tar", members[:1])
-    batch = next(iter(build_loader("mocov2", tmp_path, 1, backend=backend, num_workers=0)))
-    assert batch["query"].shape == (1, 3, 224, 224)
-    write_tar(tmp_path / "b-000000.tar", members[1:])
-    loader = build_loader("mocov2", tmp_path, 2, backend=backend, num_workers=0)
-    with pytest.raises(ShardReadError, match=r"b-000000\.tar sample broken.*does not decode"):
-        next(iter(loader))
+        images.append((key, buf.getvalue() if key == "grey" else b"\xff\xd8not a jpeg", labels, rects))
+    pack(tmp_path / "shards", images)
+    data = ShardDataset(tmp_path / "shards")
+    assert data.keys == ["grey"] and "broken" in data.failed and "broken" in data.failed["broken"]
+    for backend in BACKENDS:
+        batch = next(iter(build_loader("mocov2", tmp_path / "shards", 1, backend=backend,
+                                       num_workers=0)))
+        assert batch["query"].shape == (1, 3, 224, 224)
 
 
 @pytest.mark.parametrize("decode_here", [False, True])

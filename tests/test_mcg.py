@@ -7,7 +7,8 @@ import pytest
 
 from preprocess.datasets import annotation_mask, list_images
 from preprocess.decode import load_rgb
-from preprocess.mcg import MaskParams, decode_bitfield_png, encode_bitfield_png, mask_iou, mcg_masks
+from shards.format import decode_bitfield_png
+from preprocess.mcg import MaskParams, encode_bitfield_png, mask_iou, mcg_masks
 
 
 @pytest.fixture(scope="module")

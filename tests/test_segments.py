@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocess.segments import (SegmentParams, decode_label_png, encode_label_png, fh_segments,
+from shards.format import decode_label_png
+from preprocess.segments import (SegmentParams, encode_label_png, fh_segments,
                                  relabel_in_order)
 
 

@@ -54,10 +54,10 @@ def save(out_dir: str | Path, state: dict, cfg: dict, keep_step_copy: bool = Fal
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     path = folder / LAST
-    with atomic_open(path) as f:
+    with atomic_open(path, "a checkpoint") as f:
         torch.save(state, f)
     if keep_step_copy:
-        with atomic_open(folder / f"step-{state['step']:07d}.pt") as f:
+        with atomic_open(folder / f"step-{state['step']:07d}.pt", "a checkpoint") as f:
             torch.save(state, f)
     return path
 

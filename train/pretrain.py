@@ -43,12 +43,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from common.io import DiskFullError
 from common.progress import format_duration
 from train import checkpoint, distributed
 from train.callbacks import TrainContext, build_callbacks
 from train.config import ConfigError, load_config, resolve
 from train.loader.prefetch import Prefetch
 from train.methods import build_method
+from train.loader import ShardReadError
 from train.metrics import Metrics
 from train.optim import (apply_ramp, build_optimizer, build_scheduler, clip_gradients,
                          load_state_keeping_hyperparameters, resume_ramp_steps,
@@ -131,10 +133,10 @@ def make_loader(cfg: dict, recipe: str, per_rank_batch: int, info):
     if not shards.is_dir():
         raise FileNotFoundError(f"shards folder {shards} not found (data.shards): build it with "
                                 "`make shards DATASET=...` or pass data.shards=PATH")
-    # TODO(merge): pass max_bad_samples=data["max_bad_samples"] once issue 12's build_loader takes it
     return build_loader(recipe, str(shards), per_rank_batch, rank=info.rank, world_size=info.world_size,
                         num_workers=data["num_workers"], seed=cfg["train"]["seed"], backend=data["backend"],
-                        image_size=data["image_size"], **data["options"])
+                        image_size=data["image_size"], max_bad_samples=data["max_bad_samples"],
+                        **data["options"])
 
 
 def resume_loader(loader, saved: dict) -> None:
@@ -323,6 +325,8 @@ def train(cfg: dict) -> dict:
     for cb in callbacks:
         cb.on_train_end(ctx)
     summary = metrics.summary()
+    bad = [b for rank_bad in distributed.all_gather_object(loader.bad_samples) for b in rank_bad]
+    summary["bad_samples"] = len(bad)
     exported = None
     if info.is_main and cfg["export"]["enabled"]:
         from train.export import export_method
@@ -335,6 +339,9 @@ def train(cfg: dict) -> dict:
                     f"{100 * summary['data_wait_share']:.1f}%"
                     + (f", {dropped} trailing micro-batches of epochs skipped (not a multiple of "
                        f"train.accum_steps)" if dropped else "")
+                    + (f", {len(bad)} bad sample(s) skipped (data.max_bad_samples): "
+                       + "; ".join(f"{k}: {why}" for k, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+                       if bad else "")
                     + f"; checkpoint {checkpoint.checkpoint_dir(out) / checkpoint.LAST}"
                     + (f"; exported {', '.join(str(p) for p in exported.values())}" if exported else ""))
     metrics.close()
@@ -353,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         train(cfg)
-    except (ConfigError, FileNotFoundError) as e:  # bad input: the message says what to fix
+    except (ConfigError, FileNotFoundError, ShardReadError, DiskFullError) as e:
+        # bad input, corrupt shards, a full disk: one line naming the file and the fix
         parser.exit(2, f"pretrain.py: error: {e}\n")
     return 0
 

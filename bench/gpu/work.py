@@ -364,22 +364,14 @@ def time_r50(a: Args, shards: Path) -> dict:
     return out
 
 
-def import_stats():
-    """`make stats`'s module: preprocess.stats (preprocess/audit/stats.py after issue 18)."""
-    try:
-        from preprocess.audit import stats
-    except ImportError:
-        from preprocess import stats
-    return stats
-
-
 def time_stats_forward(a: Args) -> dict:
-    """make stats's ResNet-50 forward (ResNetDistance.embed: uint8 views in, unit vectors
+    """make stats's ResNet-50 forward (FeatureDistance.embed: uint8 views in, unit vectors
     out, host copies included) at batch 256, 224 px."""
     import numpy as np
-    stats = import_stats()
-    real = stats.weights_available()
-    model = stats.ResNetDistance(random_weights=not real, device="cuda" if a.gpu else "cpu")
+    from preprocess.audit.backbones import weights_available
+    from preprocess.audit.distance import FeatureDistance
+    real = weights_available()
+    model = FeatureDistance(random_weights=not real, device="cuda" if a.gpu else "cpu")
     batch, rounds = (256, 5) if a.gpu else (4, 1)
     views = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     for _ in range(2):

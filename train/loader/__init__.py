@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from .recipes import DEFAULTS, Recipe
-from .source import ShardReadError, ShardSource
+from .source import BadSamples, ShardReadError, ShardSource
 from .split import Split
 
 BACKENDS = ("dali", "reference")
@@ -31,14 +31,22 @@ class Loader:
     position (epoch, batches consumed) is all the state a resume needs."""
 
     def __init__(self, recipe: Recipe, source: ShardSource, split: Split, backend: str,
-                 num_workers: int, device_id: int | None, decode: str = "auto"):
+                 num_workers: int, device_id: int | None, decode: str = "auto",
+                 max_bad_samples: int = 0):
         self.recipe, self.source, self.split = recipe, source, split
+        self.bad = BadSamples(max_bad_samples)
         self.backend, self.num_workers, self.device_id = backend, num_workers, device_id
         self.decode = decode
         self.epoch, self.position = 0, 0
 
     def __len__(self) -> int:
         return self.split.steps
+
+    @property
+    def bad_samples(self) -> list[tuple[str, str]]:
+        """(key, reason) of every sample skipped so far (at most max_bad_samples; each was
+        replaced in its batch by the next readable sample, so batch sizes and counts hold)."""
+        return list(self.bad.items)
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning, unless a loaded state is already inside it."""
@@ -68,11 +76,12 @@ class Loader:
             from . import dali_pipeline
             it = dali_pipeline.iterate(self.recipe, self.source, batches, self.epoch,
                                        self.split.seed, self.split.batch_size,
-                                       max(self.num_workers, 1), self.device_id, self.decode)
+                                       max(self.num_workers, 1), self.device_id, self.decode,
+                                       self.bad)
         else:
             from . import reference
             it = reference.iterate(self.recipe, self.source, batches, self.epoch,
-                                   self.split.seed, self.num_workers)
+                                   self.split.seed, self.num_workers, self.bad)
         for batch in it:
             self.position += 1
             yield batch
@@ -82,14 +91,19 @@ class Loader:
 def build_loader(recipe: str, shards_dir: str | os.PathLike, batch_size: int, *, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, seed: int = 0, backend: str = "dali",
                  image_size: int | None = None, device_id: int | None = None,
-                 decode: str = "auto", **recipe_overrides) -> Loader:
+                 decode: str = "auto", max_bad_samples: int = 0, **recipe_overrides) -> Loader:
     """The loader for `recipe` over the shards in `shards_dir` for one rank.
 
     backend "dali" falls back to "reference" (with a warning) when DALI is not installed.
     num_workers: DALI threads, or DataLoader processes for the reference (0 = inline).
     device_id: CUDA device for DALI's mixed decode and GPU ops; None picks the current
     CUDA device when torch sees one, else runs DALI on CPU.
-    decode (DALI only): "auto" | "dali" | "feeder", see dali_pipeline.iterate."""
+    decode (DALI only): "auto" | "dali" | "feeder", see dali_pipeline.iterate.
+    Opening checks the folder against manifest.json and raises ShardReadError naming the
+    shard and the fix. max_bad_samples (config `data.max_bad_samples`): 0 stops the run at
+    the first sample that fails its crc32, box or decode check, with that message; N > 0
+    skips up to N, each replaced by the next readable sample (same batch size and count on
+    every rank), listed in `loader.bad_samples` as (key, reason) for the run's summary."""
     if decode not in ("auto", "dali", "feeder"):
         raise ValueError(f"decode {decode!r} is not one of auto, dali, feeder")
     if backend not in BACKENDS:
@@ -105,7 +119,7 @@ def build_loader(recipe: str, shards_dir: str | os.PathLike, batch_size: int, *,
     source = ShardSource(shards_dir)
     split = Split(len(source), batch_size, world_size, rank, seed)
     return Loader(Recipe(recipe, image_size, **recipe_overrides), source, split, backend,
-                  num_workers, device_id, decode)
+                  num_workers, device_id, decode, max_bad_samples)
 
 
 def __getattr__(name: str):

@@ -30,9 +30,11 @@ import cv2
 import numpy as np
 import torch
 
+from shards import format as fmt
+
 from . import collate, geometry as G
 from .recipes import COLOUR, NumpyDraw, Recipe, label_map
-from .source import ShardReadError, ShardSource
+from .source import BadSamples, ShardReadError, ShardSource
 
 MASK_INPUTS = ("labels", "start", "end")  # windows in label-map pixels
 
@@ -98,27 +100,16 @@ def pow2_at_most(x: float, cap: int = 8) -> int:
     return f
 
 
-def decode_reduced(jpeg: bytes, factor: int, where: str) -> np.ndarray:
-    """RGB HWC uint8 at 1/factor of the stored size (libjpeg's reduced IDCT, via OpenCV).
-    Pixel j of the result covers stored pixels [factor*j, factor*(j+1)). EXIF orientation
-    is ignored, as in the reference: shards store the pixels their boxes refer to."""
-    # the REDUCED_GRAYSCALE_k bits only set the scale; COLOR_RGB makes libjpeg emit RGB
-    flags = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-             8: cv2.IMREAD_REDUCED_GRAYSCALE_8}[factor] | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
-    rgb = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flags)
-    if rgb is None:
-        raise ShardReadError(f"{where}: the .jpg member does not decode; rebuild the shards "
-                             "with make shards (preprocess validates every image)")
-    return rgb
-
-
-def check_size(image: np.ndarray, raw, factor: int, where: str) -> np.ndarray:
-    """Crop windows come from the json's size: a JPEG of another size would shift them."""
-    want = (-(-raw.height // factor), -(-raw.width // factor))
-    if image.shape[:2] != want:
-        raise ShardReadError(f"{where}: JPEG decodes to {image.shape[:2]} (h, w) at 1/{factor} "
-                             f"but its json says {(raw.height, raw.width)}; rebuild the shards")
-    return image
+def decode_reduced(raw, factor: int, where: str) -> np.ndarray:
+    """RGB HWC uint8 at 1/factor of the stored size (shards.format.decode_jpeg: libjpeg's
+    reduced IDCT, strict, so a JPEG that decodes with errors stops here naming its key).
+    Pixel j of the result covers stored pixels [factor*j, factor*(j+1)); crop windows come
+    from the index's size, which the decode must match."""
+    try:
+        return fmt.decode_jpeg(raw.jpeg, f"{raw.key}.jpg", raw.width, raw.height, factor)
+    except fmt.MemberError as e:
+        raise ShardReadError(f"{where}: {e}; rebuild the shards with make shards (it decodes "
+                             "every image strictly)") from None
 
 
 class Pyramid:
@@ -129,7 +120,7 @@ class Pyramid:
     def __init__(self, raw, plan, where: str):
         self.raw = raw
         self.base = pow2_at_most(min(shrink_of(v) for v in plan.views.values()))
-        self.levels = {1: check_size(decode_reduced(raw.jpeg, self.base, where), raw, self.base, where)}
+        self.levels = {1: decode_reduced(raw, self.base, where)}
 
     def for_view(self, view: G.View) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         g = pow2_at_most(shrink_of(view) / self.base)
@@ -146,57 +137,71 @@ class Pyramid:
 
 class Feeder:
     """The external_source callback: one call = one batch, in split order. What the
-    pixels do not carry (plans, sample ids) waits in `pending` for the matching output."""
+    pixels do not carry (plans, sample ids) waits in `pending` for the matching output.
+    A sample that fails to read or decode goes to the loader's BadSamples policy
+    (source.py): stop, or be replaced by the next readable sample."""
 
     def __init__(self, recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int,
-                 decode_here: bool = False):
+                 decode_here: bool = False, bad: BadSamples | None = None):
         self.recipe, self.source, self.epoch, self.seed = recipe, source, epoch, seed
         self.decode_here = decode_here
+        self.bad = bad if bad is not None else BadSamples(0)
         self.names = input_names(recipe, decode_here)
         self.batches = iter(batches)
         self.pending: deque = deque()
 
+    def sample(self, index: int, slot: int) -> tuple:
+        """(index, {input name: value}, plan, view boxes) of one sample; raises
+        ShardReadError before anything of it reaches the batch."""
+        rng = np.random.default_rng([self.seed, self.epoch, int(slot)])
+        raw = self.source.load(index, self.recipe.mask_member)
+        plan = self.recipe.plan(raw.width, raw.height, raw.boxes, NumpyDraw(rng), rng)
+        where = self.source.where(index)
+        cols = {}
+        if self.decode_here:
+            pyramid = Pyramid(raw, plan, where)
+        else:
+            cols["jpeg"] = np.frombuffer(raw.jpeg, np.uint8)
+        for spec in self.recipe.views:
+            v, n = plan.views[spec.name], spec.name
+            twist, sigma, solarize = draw_colour(rng, spec.colour, self.recipe.cfg["colour"])
+            if self.decode_here:
+                image, start, end = pyramid.for_view(v)
+                cols[f"{n}.image"] = image
+            else:
+                start = np.array([v.y0, v.x0], np.float32)
+                end = np.array([v.y0 + v.h, v.x0 + v.w], np.float32)
+            values = {"start": start, "end": end, "mirror": np.int32(v.flip),
+                      "twist": twist,  # brightness, contrast, saturation, hue in degrees
+                      "sigma": np.array(sigma, np.float32), "solarize": np.array(solarize)}
+            if f"{n}.taps" in self.names:  # only views that can blur feed a kernel
+                values["taps"] = gaussian_taps(float(sigma))
+            for k, value in values.items():
+                cols[f"{n}.{k}"] = value
+        labels = label_map(self.recipe, raw, where)
+        for mask_key, view_name in self.recipe.mask_views.items():  # full-size maps
+            v = plan.views[view_name]
+            cols[f"{mask_key}.labels"] = labels[:, :, None]
+            cols[f"{mask_key}.start"] = np.array([v.y0, v.x0], np.float32)
+            cols[f"{mask_key}.end"] = np.array([v.y0 + v.h, v.x0 + v.w], np.float32)
+        boxes = {k: G.to_view(b, plan.views[vn]) for k, (vn, b) in plan.boxes.items()}
+        return index, cols, plan, boxes
+
     def __call__(self):
         samples, slots = next(self.batches)  # StopIteration ends the epoch
         cols = {name: [] for name in self.names}
-        plans, view_boxes = [], []
+        plans, view_boxes, used = [], [], []
         for index, slot in zip(samples, slots):
-            rng = np.random.default_rng([self.seed, self.epoch, int(slot)])
-            raw = self.source.load(int(index), self.recipe.mask_member)
-            plan = self.recipe.plan(raw.width, raw.height, raw.boxes, NumpyDraw(rng), rng)
-            where = self.source.where(int(index))
-            if self.decode_here:
-                pyramid = Pyramid(raw, plan, where)
-            else:
-                cols["jpeg"].append(np.frombuffer(raw.jpeg, np.uint8))
-            for spec in self.recipe.views:
-                v, n = plan.views[spec.name], spec.name
-                twist, sigma, solarize = draw_colour(rng, spec.colour, self.recipe.cfg["colour"])
-                if self.decode_here:
-                    image, start, end = pyramid.for_view(v)
-                    cols[f"{n}.image"].append(image)
-                else:
-                    start = np.array([v.y0, v.x0], np.float32)
-                    end = np.array([v.y0 + v.h, v.x0 + v.w], np.float32)
-                values = {"start": start, "end": end, "mirror": np.int32(v.flip),
-                          "twist": twist,  # brightness, contrast, saturation, hue in degrees
-                          "sigma": np.array(sigma, np.float32), "solarize": np.array(solarize)}
-                if f"{n}.taps" in cols:  # only views that can blur feed a kernel
-                    values["taps"] = gaussian_taps(float(sigma))
-                for k, value in values.items():
-                    if f"{n}.{k}" in cols:
-                        cols[f"{n}.{k}"].append(value)
-            labels = label_map(self.recipe, raw, where)
-            for mask_key, view_name in self.recipe.mask_views.items():  # full-size maps
-                v = plan.views[view_name]
-                cols[f"{mask_key}.labels"].append(labels[:, :, None])
-                cols[f"{mask_key}.start"].append(np.array([v.y0, v.x0], np.float32))
-                cols[f"{mask_key}.end"].append(np.array([v.y0 + v.h, v.x0 + v.w], np.float32))
+            i, values, plan, boxes = self.bad.run(self.source, int(index),
+                                                  lambda j, slot=slot: self.sample(j, slot))
+            for name in self.names:
+                cols[name].append(values[name])
+            used.append(i)
             plans.append(plan)
-            view_boxes.append({k: G.to_view(b, plan.views[vn]) for k, (vn, b) in plan.boxes.items()})
+            view_boxes.append(boxes)
         out = tuple(cols[name] for name in self.names)
         # no_copy: DALI reads these arrays in place, so they live until the batch is out
-        self.pending.append((plans, view_boxes, samples, out))
+        self.pending.append((plans, view_boxes, np.asarray(used), out))
         return out
 
 
@@ -282,14 +287,16 @@ def to_torch(tensor_list) -> torch.Tensor:
 
 
 def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int,
-            batch_size: int, num_threads: int, device_id: int | None, decode: str = "auto"):
+            batch_size: int, num_threads: int, device_id: int | None, decode: str = "auto",
+            bad: BadSamples | None = None):
     """Yield finished batch dicts for `batches` (a list of (samples, slots)).
     decode: "dali" (DALI's decoder), "feeder" (OpenCV decode + pyramid in the feeder)
-    or "auto" (feeder on CPU, where it measured faster; DALI's mixed decode on GPU)."""
+    or "auto" (feeder on CPU, where it measured faster; DALI's mixed decode on GPU).
+    bad: the loader's bad-sample policy (default: stop at the first)."""
     if not batches:
         return
     decode_here = decode == "feeder" or (decode == "auto" and device_id is None)
-    feeder = Feeder(recipe, source, batches, epoch, seed, decode_here)
+    feeder = Feeder(recipe, source, batches, epoch, seed, decode_here, bad)
     pipe = build_pipeline(recipe, feeder, batch_size, num_threads, device_id)
     pipe.build()
     names = [s.name for s in recipe.views] + list(recipe.mask_views)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shards.format import bitfield_labels
+
 RATIO = (3 / 4, 4 / 3)
 
 
@@ -158,15 +160,10 @@ def maskco_boxes(rng: np.random.Generator, overlap: np.ndarray, view_size: int, 
     return np.concatenate([box0[None], np.array(kept[: n - 1], np.float32)])
 
 
-_LOWEST_BIT = np.zeros(1 << 16, np.uint16)
-for _bit in range(15, -1, -1):  # lowest set bit wins: written last
-    _LOWEST_BIT[(np.arange(1 << 16) >> _bit) & 1 == 1] = _bit + 1
-
-
 def mcg_labels(bitfield: np.ndarray) -> np.ndarray:
-    """MCG-style bitfield (bit i = mask i, masks may overlap) -> one label map: each pixel
-    takes the best-ranked (lowest bit) mask covering it, as id i+1; 0 = no mask."""
-    return _LOWEST_BIT[np.asarray(bitfield, np.uint16)]
+    """MCG-style bitfield -> DetCon's label map (shards.format.bitfield_labels: the
+    best-ranked mask covering a pixel, as id i+1; 0 = no mask)."""
+    return bitfield_labels(bitfield)
 
 
 def grid_labels(height: int, width: int, rows: int, cols: int) -> np.ndarray:

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T, tv_tensors
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from shards import format as fmt
+
 from . import collate, geometry as G
 from .recipes import COLOUR, Recipe, blur_kernel, label_map
-from .source import ShardReadError, ShardSource
+from .source import BadSamples, ShardReadError, ShardSource
 from .split import worker_batches
 
 INTERP = {"linear": F.InterpolationMode.BILINEAR, "cubic": F.InterpolationMode.BICUBIC}
@@ -64,15 +65,11 @@ def transform_sample(recipe: Recipe, source: ShardSource, index: int, seed_words
         raw = source.load(index, recipe.mask_member)
         plan = recipe.plan(raw.width, raw.height, raw.boxes, TorchDraw(), rng)
         where = source.where(index)
-        try:
-            image = tv_tensors.Image(decode_jpeg(torch.frombuffer(bytearray(raw.jpeg), dtype=torch.uint8),
-                                                 mode=ImageReadMode.RGB))  # grey JPEGs too
-        except RuntimeError as e:
-            raise ShardReadError(f"{where}: the .jpg member does not decode ({e}); rebuild the "
-                                 "shards with make shards") from e
-        if image.shape[-2:] != (raw.height, raw.width):
-            raise ShardReadError(f"{where}: JPEG is {tuple(image.shape[-2:])} (h, w) but its json "
-                                 f"says {(raw.height, raw.width)}; rebuild the shards")
+        try:  # strict: a JPEG that decodes with errors stops here naming its key
+            rgb = fmt.decode_jpeg(raw.jpeg, f"{raw.key}.jpg", raw.width, raw.height)
+        except fmt.MemberError as e:
+            raise ShardReadError(f"{where}: {e}; rebuild the shards with make shards") from None
+        image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
         out = {}
         for spec in recipe.views:
             x = geometric(image, plan.views[spec.name], INTERP[spec.interp])
@@ -93,32 +90,60 @@ def transform_sample(recipe: Recipe, source: ShardSource, index: int, seed_words
     return out, plan, view_boxes
 
 
-def make_batch(recipe, source, samples, slots, epoch, seed) -> dict:
-    results = [transform_sample(recipe, source, int(i), [seed, epoch, int(s)])
-               for i, s in zip(samples, slots)]
+def make_batch(recipe, source, samples, slots, epoch, seed, bad: BadSamples) -> dict:
+    """One batch; a bad sample goes to `bad` (stop, or the next readable sample in its place)."""
+    results, used = [], []
+    for i, s in zip(samples, slots):
+        j, r = bad.run(source, int(i), lambda j, s=s: (j, transform_sample(
+            recipe, source, j, [seed, epoch, int(s)])))
+        results.append(r)
+        used.append(j)
     batch = {k: torch.stack([r[0][k] for r in results]) for k in results[0][0]}
-    return collate.finish(recipe, batch, [r[1] for r in results], [r[2] for r in results], samples)
+    return collate.finish(recipe, batch, [r[1] for r in results], [r[2] for r in results],
+                          np.asarray(used))
 
 
 class _Batches(IterableDataset):
-    def __init__(self, recipe, source, batches, epoch, seed, num_workers):
+    """Yields (batch, bad samples recorded while making it, None) or (None, [], message)
+    when the policy says stop: worker processes each hold a copy of the policy, so the
+    parent adds their records up, enforces the limit and raises the message itself (a
+    worker's exception would reach the user wrapped in its traceback)."""
+
+    def __init__(self, recipe, source, batches, epoch, seed, num_workers, limit):
         self.args = (recipe, source, epoch, seed)
-        self.batches, self.num_workers = batches, num_workers
+        self.batches, self.num_workers, self.limit = batches, num_workers, limit
 
     def __iter__(self):
         info = get_worker_info()
         mine = worker_batches(self.batches, self.num_workers, info.id if info else 0) \
             if info else self.batches
         recipe, source, epoch, seed = self.args
+        bad = BadSamples(self.limit)
         for samples, slots in mine:
-            yield make_batch(recipe, source, samples, slots, epoch, seed)
+            seen = len(bad.items)
+            try:
+                batch = make_batch(recipe, source, samples, slots, epoch, seed, bad)
+            except ShardReadError as e:
+                yield None, bad.items[seen:], str(e)
+                return
+            yield batch, bad.items[seen:], None
 
 
-def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int, num_workers: int):
-    """Yield batches in order; `num_workers` DataLoader processes (0 = in this process)."""
+def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int, num_workers: int,
+            bad: BadSamples | None = None):
+    """Yield batches in order; `num_workers` DataLoader processes (0 = in this process).
+    bad: the loader's bad-sample policy (default: stop at the first)."""
     if not batches:
         return
+    bad = bad if bad is not None else BadSamples(0)
     workers = min(num_workers, len(batches))
-    yield from DataLoader(_Batches(recipe, source, batches, epoch, seed, workers),
-                          batch_size=None, num_workers=workers,
-                          persistent_workers=False)
+    remaining = bad.limit - len(bad.items)
+    for batch, items, error in DataLoader(_Batches(recipe, source, batches, epoch, seed, workers,
+                                                   remaining),
+                                          batch_size=None, num_workers=workers,
+                                          persistent_workers=False):
+        for key, reason in items:
+            bad.record(key, ShardReadError(reason))
+        if error is not None:
+            raise ShardReadError(error)
+        yield batch
