@@ -190,3 +190,28 @@ def test_a_jpeg_that_decodes_with_errors_in_shards_with_matching_crcs_stops_nami
     with pytest.raises(ShardReadError, match=rf"sample {row['key']}: {row['key']}\.jpg decodes "
                                              r"with errors \(libjpeg: Corrupt JPEG data"):
         run_epoch(copy, backend)
+
+
+def _pretrain(folder, out, *extra):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, str(repo / "train" / "pretrain.py"), "--config", str(repo / "train/configs/soco_small_cpu.yaml"),
+         f"data.shards={folder}", f"train.out={out}", "data.batch_size=2", "train.steps=4", "data.backend=reference",
+         "data.num_workers=0", "train.tensorboard=false", "export.enabled=false", "eval.every=0", *extra],
+        capture_output=True, text=True, timeout=600, cwd=repo, env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+
+
+def test_the_trainer_stops_on_a_flipped_byte_in_one_line_or_skips_and_counts_it_with_max_bad_samples(copy, tmp_path):
+    row = flip(copy, 0, "boxes", at=0.1)
+    stopped = _pretrain(copy, tmp_path / "strict")
+    assert stopped.returncode == 2, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert f"sample {row['key']} member {row['key']}.boxes" in stopped.stderr and "make shards" in stopped.stderr
+    skipped = _pretrain(copy, tmp_path / "lenient", "data.max_bad_samples=1")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    assert f"1 bad sample(s) skipped (data.max_bad_samples): {row['key']}: " in skipped.stderr
+    end = [json.loads(line) for line in (tmp_path / "lenient" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["bad_samples"] == 1
