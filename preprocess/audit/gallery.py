@@ -93,8 +93,7 @@ def items_from_shards(shards_dir: Path, keys: list[str]) -> dict[str, Item]:
 
 def items_from_parts(folder: Path, keys: list[str], root: Path | None) -> dict[str, Item]:
     from preprocess.decode import load_rgb
-    from preprocess.mcg import decode_bitfield_png
-    from preprocess.segments import decode_label_png
+    from shards.format import decode_bitfield_png, decode_label_png
     wanted = set(keys)
     out = {}
     columns = ["key", "source_path", "status", "boxes", "filter_rule", "fh_png", "mcg_png",
