@@ -12,7 +12,7 @@ import torch
 from train.config import load_config
 from train.export import main as export_main
 from train.models.backbone import build_backbone
-from train import pretrain
+from train import callbacks
 from train.pretrain import train
 
 
@@ -58,7 +58,7 @@ def test_method_trains_checkpoints_resumes_and_exports(name, sample_shards, tmp_
     def crash_after_step_2(cfg, info, step):
         if step == 2:
             raise Crash(step)
-    monkeypatch.setattr(pretrain, "maybe_fault", crash_after_step_2)   # the trainer's fault hook
+    monkeypatch.setattr(callbacks, "maybe_fault", crash_after_step_2)   # the debug callback's fault hook
     with pytest.raises(Crash):
         _run(config, tmp_path / "split", sample_shards, 4, extra)
     monkeypatch.undo()

@@ -172,10 +172,10 @@ def test_variants_consume_real_loader_batches(sample_shards, variant, recipe, op
     method = get("soco").build({"model": dict(variant=variant, **TINY)})
     out = method(batch)
     assert torch.isfinite(out["loss"]) and len([k for k in out if k.startswith("loss_")]) == len(method.pairs)
-    for _, boxes_a, _, _, boxes_b, _ in method.pairs:  # boxes lie inside their view
-        for key, view in ((boxes_a, "view1"), (boxes_b, "view" + boxes_b[-1])):
-            size = batch[view].shape[-1]
-            assert batch[key].min() >= 0 and batch[key].max() <= size, key
+    for pair in method.pairs:  # boxes lie inside their view (keys from the recipe's BoxSets)
+        for box_set in pair[:2]:
+            size = batch[box_set.view].shape[-1]
+            assert batch[box_set.boxes].min() >= 0 and batch[box_set.boxes].max() <= size, box_set.boxes
 
 
 def test_valid_mask_excludes_boxes_like_padding_ids():

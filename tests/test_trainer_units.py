@@ -82,12 +82,14 @@ def test_warmup_cosine_schedule():
 
 
 def test_config_overrides_and_base(tmp_path):
-    (tmp_path / "base.yaml").write_text("method: soco\noptim: {base_lr: 1.0, name: auto}\nlist: [1, 2]\n")
+    (tmp_path / "base.yaml").write_text("method: soco\noptim: {base_lr: 1.0, name: auto}\n"
+                                        "model: {level_ranges: [1, 2]}\n")
     (tmp_path / "child.yaml").write_text("_base_: base.yaml\noptim: {base_lr: 0.5}\n")
-    cfg = load_config(tmp_path / "child.yaml", ["optim.base_lr=3e-1", "list=[3]", "+extra.flag=true",
-                                                 "+extra.name=1e5x", "+extra.n=12"])
-    assert cfg == {"method": "soco", "optim": {"base_lr": 0.3, "name": "auto"}, "list": [3],
-                   "extra": {"flag": True, "name": "1e5x", "n": 12}}
+    cfg = load_config(tmp_path / "child.yaml", ["optim.base_lr=3e-1", "model.level_ranges=[3]",
+                                                 "+data.options.k=12", "train.steps=5"])
+    assert cfg["method"] == "soco" and cfg["optim"]["base_lr"] == 0.3 and cfg["optim"]["name"] == "auto"
+    assert cfg["model"]["level_ranges"] == [3.0] and cfg["data"]["options"] == {"k": 12}
+    assert cfg["train"]["steps"] == 5 and cfg["optim"]["min_lr"] == 1e-6   # schema default filled
     with pytest.raises(ConfigError, match=r"unknown key 'optim.base_l'.*optim.base_lr"):
         load_config(tmp_path / "child.yaml", ["optim.base_l=1"])
     with pytest.raises(ConfigError, match="key=value"):

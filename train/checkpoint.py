@@ -79,3 +79,55 @@ def load_latest(out_dir: str | Path) -> dict | None:
     remove_stale_temporaries(folder)  # leftovers of a save killed mid-write
     path = folder / LAST
     return load(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- resume rules
+# Keys a resume honours when they change (everything else is refused unless train.resume=force):
+SCHEDULE_KEYS = ("train.steps", "train.epochs", "optim.base_lr", "optim.min_lr", "optim.warmup_epochs",
+                 "optim.warmup_steps")      # the lr schedule is rebuilt for the new values (pretrain.py)
+HYPER_KEYS = ("optim.weight_decay", "optim.momentum", "optim.trust", "optim.betas", "optim.eps",
+              "optim.clip_grad")            # apply from the resumed step on; optimiser state kept
+RUNTIME_KEYS = ("train.out", "train.device", "train.precision", "train.channels_last", "train.checkpoint_every",
+                "train.log_every", "train.tensorboard", "train.resume", "data.num_workers", "data.prefetch",
+                "data.backend", "data.max_bad_samples", "export.", "eval.", "debug.")
+
+
+def flat(cfg: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of the leaves of a nested config."""
+    out = {}
+    for k, v in (cfg or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _honoured(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k))
+               for k in SCHEDULE_KEYS + HYPER_KEYS + RUNTIME_KEYS)
+
+
+def config_changes(saved: dict, new: dict) -> tuple[dict, dict]:
+    """(refused, honoured): {key: (saved value, new value)} between the checkpoint's resolved
+    config and this run's. A key absent on one side counts as changed."""
+    a, b = flat(saved), flat(new)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    refused = {k: v for k, v in changed.items() if not _honoured(k)}
+    return refused, {k: v for k, v in changed.items() if k not in refused}
+
+
+def saved_config(out_dir: str | Path) -> dict | None:
+    """The resolved config saved beside last.pt (None if missing)."""
+    import yaml
+    path = checkpoint_dir(out_dir) / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def refusal_message(out_dir, step: int, refused: dict) -> str:
+    lines = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+    return (f"cannot resume {checkpoint_dir(out_dir) / LAST} (step {step}) with this config: "
+            f"{len(refused)} key(s) changed that a resumed run cannot honour:\n{lines}\n"
+            "Start fresh with a new train.out (e.g. train.out=<new folder>), put the keys back, "
+            "or pass train.resume=force to load the checkpoint anyway (its weights must still fit the model).")

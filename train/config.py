@@ -1,12 +1,15 @@
-"""Training configuration: one YAML recipe plus dotted `key=value` overrides.
+"""Training configuration: one YAML recipe plus dotted `key=value` overrides, both checked
+against the typed schema (train/schema.py and each method's `ModelConfig`).
 
     python train/pretrain.py --config train/configs/soco_small_cpu.yaml optim.base_lr=0.5 train.out=runs/x
 
-Values are parsed as YAML (`3`, `1e-5`, `true`, `[1, 2]`, `null`). Overriding a key
-the recipe does not have is an error (typos would otherwise be ignored silently);
-prefix it with `+` to add a new key on purpose. A recipe may start from another with
-`_base_: other.yaml` (path relative to the recipe). The resolved config is written
-beside every checkpoint so a run can be reproduced and resumed from it alone."""
+Values are parsed as YAML (`3`, `1e-5`, `true`, `[1, 2]`, `null`). A key the schema does not
+know is an error wherever it is written (recipe file or override), with a did-you-mean; a
+value of the wrong type names the key and the expected type. An override may set any key of
+the schema, present in the recipe or not (a leading `+` is accepted and ignored). A recipe may
+start from another with `_base_: other.yaml` (path relative to the recipe). `load_config`
+returns the resolved config: every section, every key, defaults filled; it is written beside
+every checkpoint so a run can be reproduced and resumed from it alone."""
 from __future__ import annotations
 
 import copy
@@ -18,10 +21,9 @@ from typing import Any
 import yaml
 
 from common.io import atomic_write_text
+from train.schema import SECTIONS, TOP_LEVEL, ConfigError, check_section
 
-
-class ConfigError(ValueError):
-    pass
+__all__ = ["ConfigError", "load_config", "resolve", "apply_override", "parse_value", "get", "save_config"]
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -49,15 +51,6 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(_read_yaml(path.parent / base, seen + (path.resolve(),)), data)
 
 
-def _flat_keys(cfg: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in cfg.items():
-        keys.append(prefix + k)
-        if isinstance(v, dict):
-            keys += _flat_keys(v, prefix + k + ".")
-    return keys
-
-
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -72,36 +65,85 @@ def parse_value(raw: str, item: str = "") -> Any:
     return float(value) if isinstance(value, str) and _FLOAT.fullmatch(value) else value
 
 
-def apply_override(cfg: dict, item: str) -> None:
-    """Apply one `a.b.c=value` (or `+a.b.c=value` for a new key) in place."""
+def apply_override(cfg: dict, item: str) -> str:
+    """Apply one `a.b.c=value` in place; returns the dotted key. Whether the key exists is
+    the schema's call (`resolve`), so a key absent from the recipe can still be set."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.base_lr=0.5)")
     key, raw = item.split("=", 1)
-    add = key.startswith("+")
     parts = key.lstrip("+").split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r}: empty key part")
     node = cfg
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part not in node and not add:
-            near = difflib.get_close_matches(".".join(parts), _flat_keys(cfg), n=3)
-            hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise ConfigError(f"override {item!r}: unknown key {'.'.join(parts[:i + 1])!r}{hint} "
-                              f"(prefix with + to add a new key)")
-        if last:
-            node[part] = parse_value(raw, item)
-        else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+    node[parts[-1]] = parse_value(raw, item)
+    return ".".join(parts)
+
+
+def _recipe_defaults(recipe: str) -> dict:
+    from train.loader.recipes import recipe_class
+    return recipe_class(recipe).DEFAULTS
+
+
+def resolve(raw: dict, where: Any = "the config") -> dict:
+    """The resolved config of a raw mapping: every section checked (unknown keys, types) and
+    filled with defaults, `model` by the method's own `ModelConfig`, `data.options` against
+    the recipe's parameters. `where` names the source in messages (string or key -> string)."""
+    from train import methods
+    src = where if callable(where) else (lambda _key: where)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src('')}: a config must be a mapping of sections")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            near = difflib.get_close_matches(str(key), TOP_LEVEL, n=2, cutoff=0.5)
+            hint = f"did you mean {', '.join(near)}?" if near else f"sections are {', '.join(TOP_LEVEL)}"
+            raise ConfigError(f"{src(key)}: unknown section {key!r}; {hint}")
+    name = raw.get("method")
+    if not name:
+        raise ConfigError(f"{src('method')}: the config has no `method` key (e.g. method: soco)")
+    try:
+        module = methods.get(name)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{src('method')}: {e}") from None
+    out = {"method": name, "model": check_section(methods.model_schema(module), raw.get("model"), "model", where)}
+    for key, cls in SECTIONS.items():
+        out[key] = check_section(cls, raw.get(key), key, where)
+    data, train = out["data"], out["train"]
+    for key, value in (("data.batch_size", data["batch_size"]), ("train.accum_steps", train["accum_steps"]),
+                       ("train.log_every", train["log_every"])):
+        if value < 1:
+            raise ConfigError(f"{src(key)}: {key}={value} must be >= 1")
+    recipe = data["recipe"] or module.RECIPE
+    try:
+        known = _recipe_defaults(recipe)
+    except ValueError as e:
+        raise ConfigError(f"{src('data.recipe')}: {e}") from None
+    for key in data["options"]:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=3)
+            hint = f"; did you mean {', '.join('data.options.' + n for n in near)}?" if near else \
+                f"; recipe {recipe!r} takes {', '.join(sorted(known))}"
+            raise ConfigError(f"{src('data.options.' + key)}: unknown key 'data.options.{key}'{hint}")
+    return out
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    cfg = _read_yaml(Path(path))
+    """The resolved config of a recipe file plus overrides (see the module docstring)."""
+    path = Path(path)
+    cfg = _read_yaml(path)
+    set_by: dict[str, str] = {}
     for item in overrides:
-        apply_override(cfg, item)
-    return cfg
+        set_by[apply_override(cfg, item)] = item
+
+    def where(key: str) -> str:
+        for k, item in set_by.items():
+            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                return f"override {item!r}"
+        return f"config {path}"
+    return resolve(cfg, where)
 
 
 def get(cfg: dict, dotted: str, default: Any = None) -> Any:

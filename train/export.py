@@ -1,13 +1,18 @@
-"""Export pretrained weights for fine-tuning:
+"""Export pretrained weights for fine-tuning, in the formats the backbone family supports
+(`backbone.export_formats`; `export.formats` picks a subset, null = all of them; asking a
+family for a format it cannot honour is an error naming the ones it can, never a wrong file):
 
-  backbone_torchvision.pth   torchvision ResNet state_dict (no `fc`: pretraining never
+  backbone_torchvision.pth   (ResNet) torchvision ResNet state_dict (no `fc`: pretraining never
                              trains a classifier). Load with
                              `m = torchvision.models.resnet50(); m.fc = nn.Identity();
                              m.load_state_dict(sd)`.
-  detectron2.pkl             backbone (+ FPN + 4conv1fc box head for SoCo FPN) renamed as
+  detectron2.pkl             (ResNet) backbone (+ FPN + 4conv1fc box head for SoCo FPN) renamed as
                              SoCo's converter does (methods.md 1.9), numpy arrays in
                              {"model", "__author__", "matching_heuristics": True}; use as
                              detectron2 MODEL.WEIGHTS.
+  backbone_timm.pth          (ViT) the timm model's state_dict, with backbone_timm.json beside it
+   + backbone_timm.json      ({"name", "kwargs"}): `m = timm.create_model(name, num_classes=0,
+                             **kwargs); m.load_state_dict(sd)`.
 
     python -m train.export --checkpoint work/pretrain/soco_small/checkpoints/last.pt [--target]
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import pickle
 import re
 import sys
@@ -23,9 +29,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.io import atomic_write_bytes
+from common.io import atomic_write_bytes, atomic_write_text
 
 AUTHOR = "regionssl"
+
+
+class ExportError(ValueError):
+    """A format the backbone family does not support."""
 
 
 def torchvision_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,16 +78,54 @@ def detectron2_state(modules: dict[str, nn.Module]) -> dict:
     return {"model": model, "__author__": AUTHOR, "matching_heuristics": True}
 
 
-def export_method(method, out_dir: str | Path, target: bool = False) -> dict[str, Path]:
-    """Write both formats for a method's online (or EMA target) network."""
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _write_torchvision(modules: dict, out_dir: Path) -> Path:
+    path = out_dir / "backbone_torchvision.pth"
+    atomic_write_bytes(path, _torch_bytes(torchvision_state_dict(modules["backbone"])))
+    return path
+
+
+def _write_detectron2(modules: dict, out_dir: Path) -> Path:
+    path = out_dir / "detectron2.pkl"
+    atomic_write_bytes(path, pickle.dumps(detectron2_state(modules), protocol=4))
+    return path
+
+
+def _write_timm(modules: dict, out_dir: Path) -> Path:
+    backbone = modules["backbone"]
+    path = out_dir / "backbone_timm.pth"
+    atomic_write_bytes(path, _torch_bytes(backbone.timm_state_dict()))
+    atomic_write_text(out_dir / "backbone_timm.json", json.dumps(
+        {"name": backbone.timm_name, "kwargs": backbone.timm_options, "num_classes": 0,
+         "load": "timm.create_model(name, num_classes=0, **kwargs).load_state_dict(torch.load(pth))"}, indent=1))
+    return path
+
+
+WRITERS = {"torchvision": _write_torchvision, "detectron2": _write_detectron2, "timm": _write_timm}
+
+
+def export_method(method, out_dir: str | Path, target: bool = False,
+                  formats: list[str] | None = None) -> dict[str, Path]:
+    """Write `formats` (default: every format of the backbone's family) for a method's online
+    (or EMA target) network; {format: path}."""
     out_dir = Path(out_dir)
     modules = method.export_modules(target=target) if target else method.export_modules()
-    buf = io.BytesIO()
-    torch.save(torchvision_state_dict(modules["backbone"]), buf)
-    paths = {"torchvision": out_dir / "backbone_torchvision.pth", "detectron2": out_dir / "detectron2.pkl"}
-    atomic_write_bytes(paths["torchvision"], buf.getvalue())
-    atomic_write_bytes(paths["detectron2"], pickle.dumps(detectron2_state(modules), protocol=4))
-    return paths
+    backbone = modules["backbone"]
+    supported = tuple(getattr(backbone, "export_formats", ()))
+    formats = list(supported if formats is None else formats)
+    for fmt in formats:
+        if fmt not in WRITERS:
+            raise ExportError(f"unknown export format {fmt!r} (export.formats): known {sorted(WRITERS)}")
+        if fmt not in supported:
+            raise ExportError(f"a {getattr(backbone, 'family', type(backbone).__name__)} backbone cannot be "
+                              f"exported as {fmt!r}: it supports {', '.join(supported) or 'nothing'} "
+                              f"(set export.formats to a subset of those, or null for all)")
+    return {fmt: WRITERS[fmt](modules, out_dir) for fmt in formats}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a checkpoints/last.pt of train/pretrain.py")
     parser.add_argument("--out", help="output folder (default: <run>/exported)")
     parser.add_argument("--target", action="store_true", help="export the EMA target network instead")
+    parser.add_argument("--formats", help="comma-separated subset of the backbone's formats (default: all)")
     args = parser.parse_args(argv)
     from train import checkpoint
     from train.methods import build_method
@@ -96,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config)
     _, method = build_method(cfg)
     method.load_state_dict(checkpoint.load(ckpt)["model"])
-    paths = export_method(method, Path(args.out) if args.out else ckpt.parent.parent / "exported", args.target)
+    formats = args.formats.split(",") if args.formats else cfg["export"]["formats"]
+    paths = export_method(method, Path(args.out) if args.out else ckpt.parent.parent / "exported", args.target,
+                          formats)
     for kind, p in paths.items():
         print(f"[export] {kind}: {p}", file=sys.stderr)
     return 0

@@ -1,5 +1,10 @@
-"""LARS exactly as SoCo uses it, the lr scaling rule, and warmup + cosine schedule
-(methods.md 1.8).
+"""Optimisers (LARS exactly as SoCo uses it, SGD, AdamW), the lr scaling rule, the warm-up +
+cosine schedule (methods.md 1.8) and global gradient-norm clipping. Parameter groups come
+from the method (`Method.param_groups`: which parameters decay, which LARS adapts).
+
+The schedule is a pure function of the step (`WarmupCosine`), so a resume rebuilds it from the
+new config and positions it at the resumed step (`position`): see train/pretrain.py
+`resume` for what a changed total or base_lr does.
 
 LARS step for a group with `lars=True` (the ndim >= 2 parameters):
     g <- g + wd * w
@@ -13,7 +18,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from train.config import get
+from train.schema import ConfigError, OptimConfig, section
 
 
 class LARS(torch.optim.Optimizer):
@@ -73,25 +78,55 @@ class WarmupCosine:
 
 
 def build_optimizer(method, cfg: dict, global_batch: int) -> torch.optim.Optimizer:
-    """The method chooses LARS or SGD (`Method.optimizer`, overridable by optim.name)
-    and which parameters skip decay/LARS (`Method.param_groups`)."""
-    name = get(cfg, "optim.name", "auto")
-    name = method.optimizer if name in (None, "auto") else name
-    lr = scaled_lr(float(get(cfg, "optim.base_lr", 1.0)), global_batch)
-    groups = method.param_groups(float(get(cfg, "optim.weight_decay", 1e-5)))
-    groups = [g for g in groups if g["params"]]
-    momentum = float(get(cfg, "optim.momentum", 0.9))
+    """The method chooses LARS, SGD or AdamW (`Method.optimizer`, overridable by optim.name)
+    and which parameters skip decay/LARS (`Method.param_groups`). `global_batch` is the
+    effective batch of one optimiser step (all ranks, all accumulation micro-steps)."""
+    o = section(cfg, OptimConfig)
+    name = method.optimizer if o.name == "auto" else o.name
+    lr = scaled_lr(o.base_lr, global_batch)
+    groups = [g for g in method.param_groups(o.weight_decay) if g["params"]]
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, trust=float(get(cfg, "optim.trust", 0.001)))
+        return LARS(groups, lr=lr, momentum=o.momentum, trust=o.trust)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    raise ValueError(f"unknown optimiser {name!r} (optim.name): use lars, sgd or auto")
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps)
+    raise ConfigError(f"unknown optimiser {name!r} (optim.name): use lars, sgd, adamw or auto")
 
 
 def build_scheduler(optimizer, cfg: dict, total_steps: int, steps_per_epoch: int) -> LambdaLR:
-    warmup = get(cfg, "optim.warmup_steps")
-    if warmup is None:
-        warmup = round(float(get(cfg, "optim.warmup_epochs", 0)) * steps_per_epoch)
+    """Linear warm-up (optim.warmup_steps, else warmup_epochs x steps/epoch) from lr/100, then
+    cosine to optim.min_lr at `total_steps`."""
+    o = section(cfg, OptimConfig)
+    warmup = o.warmup_steps if o.warmup_steps is not None else round(o.warmup_epochs * steps_per_epoch)
     warmup = min(int(warmup), total_steps)
     lr = optimizer.param_groups[0]["lr"]
-    return LambdaLR(optimizer, WarmupCosine(total_steps, warmup, lr, float(get(cfg, "optim.min_lr", 1e-6))))
+    return LambdaLR(optimizer, WarmupCosine(total_steps, warmup, lr, o.min_lr))
+
+
+def position(scheduler: LambdaLR, step: int) -> None:
+    """Put a fresh scheduler at `step` optimiser steps done: the lrs become exactly what
+    `step` calls of scheduler.step() would give (the schedule is a function of the step)."""
+    scheduler.last_epoch = step
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def load_state_keeping_hyperparameters(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimiser state (momentum buffers, Adam moments) but keep this
+    optimiser's hyperparameters (lr, weight decay, momentum, betas, ...) as the new config
+    sets them; torch's load_state_dict would restore the saved ones."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, fresh, strict=True):
+        group.update(hyper)
+
+
+def clip_gradients(parameters, max_norm: float | None) -> float | None:
+    """Clip the global L2 norm of the gradients to `max_norm` (optim.clip_grad); returns the
+    norm before clipping, or None when clipping is off."""
+    if max_norm is None:
+        return None
+    grads = [p for p in parameters if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))

@@ -8,16 +8,28 @@
 Method-agnostic: the config names the method (train/methods/<name>.py) and the
 loader recipe; everything method-specific lives in the method. A run writes to
 `train.out`: checkpoints/last.pt (+ config.yaml), metrics.jsonl, tb/, exported/.
-It resumes from checkpoints/last.pt whenever that exists (torchrun restarts included)."""
+It resumes from checkpoints/last.pt whenever that exists (torchrun restarts included),
+after comparing the checkpoint's resolved config with this one (see `check_resume`):
+  refused (one message listing the keys): method, model.*, data.shards/recipe/image_size/
+    batch_size/options, optim.name, train.seed, train.accum_steps; train.resume=force loads
+    the checkpoint anyway.
+  honoured: train.steps/epochs, optim.base_lr/min_lr/warmup_*: the lr schedule is rebuilt
+    from the new config and positioned at the resumed step, so every step from there on has
+    exactly the lr an uninterrupted run with the new config has at that step (the warm-up is
+    the new config's; past it, the cosine runs over the new total to optim.min_lr). The lr
+    therefore moves at the resume step from the old schedule's value to the new one's (the
+    console line gives both); an unchanged config resumes on the identical schedule.
+    optim.weight_decay/momentum/trust/betas/eps/clip_grad apply from the resumed step, with
+    the optimiser state (momentum buffers, Adam moments) kept. Runtime keys (device,
+    precision, logging, checkpoint interval, workers, backend, export, eval, debug) freely.
+The global batch `data.batch_size` is the effective batch of one optimiser step: each of W
+ranks loads batch_size / (W x train.accum_steps) samples per micro-step."""
 from __future__ import annotations
 
 import argparse
-import os
-import queue
+import contextlib
 import random
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,75 +43,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common.progress import format_duration
 from train import checkpoint, distributed
 from train.callbacks import TrainContext, build_callbacks
-from train.config import ConfigError, get, load_config
+from train.config import ConfigError, load_config, resolve
+from train.loader.prefetch import Prefetch
 from train.methods import build_method
 from train.metrics import Metrics
-from train.optim import build_optimizer, build_scheduler
+from train.optim import (build_optimizer, build_scheduler, clip_gradients, load_state_keeping_hyperparameters,
+                         position)
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-class Prefetch:
-    """Stream batches across epochs, pulled `depth` ahead on a background thread so
-    decoding and collation overlap the step (torch and DALI release the GIL), the next
-    epoch's pipeline start included. Items are (batch, loader state right after it,
-    epoch): a checkpoint then records the position of the batches actually trained
-    on, not of those waiting in the queue. `depth` 0 pulls inline."""
-
-    def __init__(self, loader, depth: int, first_epoch: int, reset_first: bool):
-        self.loader, self.first_epoch, self.reset_first = loader, first_epoch, reset_first
-        self._stop = threading.Event()
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stream = self._batches()
-        self._thread = None
-        if depth > 0:
-            self._thread = threading.Thread(target=self._fill, name="prefetch", daemon=True)
-            self._thread.start()
-
-    def _batches(self):
-        epoch, reset = self.first_epoch, self.reset_first
-        while not self._stop.is_set():
-            if reset:  # else a resumed loader state already points inside this epoch
-                self.loader.set_epoch(epoch)
-            reset, n = True, 0
-            for batch in self.loader:
-                n += 1
-                yield batch, self.loader.state_dict(), epoch
-            if n == 0:
-                raise RuntimeError(f"the loader yielded no batch for epoch {epoch}")
-            epoch += 1
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _fill(self) -> None:
-        try:
-            for item in self._stream:
-                if not self._put(item):
-                    return
-        except BaseException as e:  # re-raised in the training thread
-            self._put(e)
-
-    def next(self):
-        if self._thread is None:
-            return next(self._stream)
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
 
 def seed_all(seed: int) -> None:
@@ -110,7 +63,7 @@ def seed_all(seed: int) -> None:
 
 def autocast_dtype(cfg: dict, device: torch.device) -> torch.dtype | None:
     """train.precision: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32."""
-    precision = get(cfg, "train.precision", "auto")
+    precision = (cfg.get("train") or {}).get("precision", "auto")
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -130,49 +83,54 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     return out
 
 
-def train_step(model, method, optimizer, scheduler, scaler, batch: dict, dtype, step: int,
-               total_steps: int) -> tuple[float, dict]:
-    """One optimiser step: forward (autocast), finite check agreed by all ranks,
-    backward, optimiser, scheduler, then the method's target update. Returns the
-    loss and the method's logs. Raises NonFiniteLoss before touching the weights."""
+def train_step(model, method, optimizer, scheduler, scaler, batch: dict | list[dict], dtype, step: int,
+               total_steps: int, clip_grad: float | None = None) -> tuple[float, dict]:
+    """One optimiser step over one batch or a list of micro-batches (gradient accumulation:
+    each micro-batch's loss is divided by their number, so equal micro-batches give the
+    gradient of the mean loss; DDP syncs gradients on the last one only). Per micro-batch:
+    forward (autocast), finite check agreed by all ranks, backward; then optional
+    gradient clipping, optimiser, scheduler, and the method's target update. Returns the
+    mean loss and the method's mean logs. Raises NonFiniteLoss before touching the weights."""
+    micro = batch if isinstance(batch, list) else [batch]
     device = next(method.parameters()).device
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        out = model(batch)
-    loss = out["loss"]
-    bad = distributed.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
-    if bad.item() > 0:
-        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step + 1}")
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    losses, logs = [], {}
+    for i, mb in enumerate(micro):
+        last = i == len(micro) - 1
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(mb)
+            loss = out["loss"]
+            bad = distributed.all_reduce_sum((~torch.isfinite(loss.detach())).float().reshape(1))
+            if bad.item() > 0:
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step + 1}")
+            scaler.scale(loss / len(micro)).backward()
+        losses.append(float(loss.detach()))
+        for k, v in out.items():
+            if k != "loss" and isinstance(v, (int, float)):
+                logs[k] = logs.get(k, 0.0) + float(v) / len(micro)
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        logs["grad_norm"] = clip_gradients(method.parameters(), clip_grad)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
     method.momentum_update(step + 1, total_steps)
-    logs = {k: float(v) for k, v in out.items() if k != "loss" and isinstance(v, (int, float))}
-    return float(loss.detach()), logs
+    return sum(losses) / len(losses), logs
 
 
 def make_loader(cfg: dict, recipe: str, per_rank_batch: int, info):
     from train.loader import build_loader
-    shards = Path(get(cfg, "data.shards", ""))
+    data = cfg["data"]
+    shards = Path(data["shards"])
     if not shards.is_dir():
         raise FileNotFoundError(f"shards folder {shards} not found (data.shards): build it with "
                                 "`make shards DATASET=...` or pass data.shards=PATH")
-    return build_loader(recipe, str(shards), per_rank_batch, rank=info.rank,
-                        world_size=info.world_size, num_workers=int(get(cfg, "data.num_workers", 1)),
-                        seed=int(get(cfg, "train.seed", 0)), backend=get(cfg, "data.backend", "dali"),
-                        image_size=get(cfg, "data.image_size"), **(get(cfg, "data.options") or {}))
-
-
-def maybe_fault(cfg: dict, info, step: int) -> None:
-    """Test hook (debug.kill_rank / debug.kill_at_step): SIGKILL one rank on the first
-    attempt only, to exercise torchrun restarts. Off unless set."""
-    at = get(cfg, "debug.kill_at_step")
-    if at is not None and step == int(at) and info.rank == int(get(cfg, "debug.kill_rank", 0)) \
-            and info.restart_count == 0:
-        print(f"[pretrain] debug.kill_at_step: killing rank {info.rank} at step {step}",
-              file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+    # TODO(merge): pass max_bad_samples=data["max_bad_samples"] once issue 12's build_loader takes it
+    return build_loader(recipe, str(shards), per_rank_batch, rank=info.rank, world_size=info.world_size,
+                        num_workers=data["num_workers"], seed=cfg["train"]["seed"], backend=data["backend"],
+                        image_size=data["image_size"], **data["options"])
 
 
 def resume_loader(loader, saved: dict) -> None:
@@ -189,45 +147,76 @@ def resume_loader(loader, saved: dict) -> None:
               "to ranks differently than in an uninterrupted run", file=sys.stderr, flush=True)
 
 
+def check_resume(cfg: dict, out: Path, step: int) -> dict:
+    """Compare the checkpoint's saved config with this run's: refuse (ConfigError, one message)
+    what a resumed run cannot honour unless train.resume=force; return the honoured changes."""
+    saved = checkpoint.saved_config(out)
+    if saved is None:
+        return {}
+    try:
+        saved = resolve(saved, f"the saved {checkpoint.checkpoint_dir(out) / 'config.yaml'}")
+    except ConfigError:
+        pass  # a config from an older schema: compare what it has
+    refused, honoured = checkpoint.config_changes(saved, cfg)
+    if refused and cfg["train"]["resume"] != "force":
+        raise ConfigError(checkpoint.refusal_message(out, step, refused))
+    return {**refused, **honoured}
+
+
 def train(cfg: dict) -> dict:
-    info = distributed.init(get(cfg, "train.device", "auto"))
-    out = Path(get(cfg, "train.out", "work/pretrain"))
-    seed = int(get(cfg, "train.seed", 0))
-    global_batch = int(get(cfg, "data.batch_size"))
-    if global_batch % info.world_size:
-        raise ConfigError(f"data.batch_size={global_batch} (global) must be divisible by the "
-                          f"world size {info.world_size}")
-    per_rank = global_batch // info.world_size
+    cfg = resolve(cfg)  # idempotent on a loaded config; fills defaults in a hand-made one
+    t, data = cfg["train"], cfg["data"]
+    info = distributed.init(t["device"])
+    out = Path(t["out"])
+    seed, accum = t["seed"], t["accum_steps"]
+    global_batch = data["batch_size"]
+    if global_batch % (info.world_size * accum):
+        raise ConfigError(f"data.batch_size={global_batch} (global, per optimiser step) must be divisible by "
+                          f"the world size {info.world_size} x train.accum_steps {accum}")
+    per_rank = global_batch // (info.world_size * accum)
 
     seed_all(seed)  # same initial weights on every rank
     module, method = build_method(cfg)
     if getattr(method, "sync_bn", True):  # a method may keep per-rank BN (MoCo v2 shuffles BN instead)
         method = distributed.convert_sync_bn(method, info)
     method = method.to(info.device)
-    channels_last = info.device.type == "cuda" and bool(get(cfg, "train.channels_last", True))
+    channels_last = info.device.type == "cuda" and t["channels_last"]
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
     seed_all(seed + 1000 * info.rank)
 
-    recipe = get(cfg, "data.recipe") or module.RECIPE
+    recipe = data["recipe"] or module.RECIPE
     loader = make_loader(cfg, recipe, per_rank, info)
-    steps_per_epoch = len(loader)
+    num_samples = int(loader.state_dict()["num_samples"])
+    if global_batch > num_samples:
+        raise ConfigError(f"data.batch_size={global_batch} is larger than the {num_samples} samples in "
+                          f"{data['shards']}: every sample would appear more than once in a batch; lower "
+                          f"data.batch_size to at most {num_samples} or add data")
+    steps_per_epoch = len(loader) // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"the loader yields no full batch from {get(cfg, 'data.shards')} at "
-                         f"batch {per_rank} per rank: lower data.batch_size or add data")
-    total = int(get(cfg, "train.steps") or round(float(get(cfg, "train.epochs", 1)) * steps_per_epoch))
+        raise ValueError(f"the loader yields no full batch from {data['shards']} at "
+                         f"batch {per_rank} per rank x {accum} micro-steps: lower data.batch_size or add data")
+    total = int(t["steps"] or round(t["epochs"] * steps_per_epoch))
     optimizer = build_optimizer(method, cfg, global_batch)
     scheduler = build_scheduler(optimizer, cfg, total, steps_per_epoch)
     dtype = autocast_dtype(cfg, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16)
 
     step, state = 0, checkpoint.load_latest(out)
+    changes: dict = {}
     if state is not None:
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
+        changes = check_resume(cfg, out, step)
+        lr_before = [g["lr"] for g in state["optimizer"]["param_groups"]][:1]
+        try:
+            method.load_state_dict(state["model"])
+            load_state_keeping_hyperparameters(optimizer, state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"the checkpoint {checkpoint.checkpoint_dir(out) / checkpoint.LAST} does not fit "
+                              f"this model/optimiser ({str(e).splitlines()[0][:300]}); start fresh with a new "
+                              "train.out") from None
+        position(scheduler, step)  # the new config's schedule, at the resumed step
+        scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
         if len(rngs) == info.world_size:
             checkpoint.set_rng_state(rngs[info.rank])
@@ -240,17 +229,22 @@ def train(cfg: dict) -> dict:
                     forward_sync_buffers=False)  # per-rank BN statistics, as SoCo (methods.md 1.8)
 
     metrics = Metrics(out, total, global_batch, start_step=step, enabled=info.is_main,
-                      log_every=int(get(cfg, "train.log_every", 10)),
-                      tensorboard=bool(get(cfg, "train.tensorboard", True)))
+                      log_every=t["log_every"], tensorboard=t["tensorboard"])
     if info.is_main:
         what = f"resumed from step {step}" if state is not None else "fresh start"
-        metrics.say(f"[pretrain] {get(cfg, 'method')} ({recipe}), {info.world_size} process(es) on "
-                    f"{info.device.type}, global batch {global_batch}, {steps_per_epoch} steps/epoch, "
-                    f"{total} steps, {what}; writing {out}")
+        metrics.say(f"[pretrain] {cfg['method']} ({recipe}), {info.world_size} process(es) on "
+                    f"{info.device.type}, global batch {global_batch}"
+                    + (f" ({accum} micro-steps of {per_rank} a rank)" if accum > 1 else "")
+                    + f", {steps_per_epoch} steps/epoch, {total} steps, {what}; writing {out}")
+        if changes:
+            listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            metrics.say(f"[pretrain] resuming with a changed config ({listed}); lr at step {step + 1}: "
+                        f"{optimizer.param_groups[0]['lr']:.4g} (the checkpoint's schedule: {lr_before[0]:.4g})")
         metrics.event("start", step=step, world_size=info.world_size,
-                      restart_count=info.restart_count, resumed=state is not None)
+                      restart_count=info.restart_count, resumed=state is not None,
+                      changed=sorted(changes))
 
-    every = int(get(cfg, "train.checkpoint_every", 0)) or steps_per_epoch
+    every = t["checkpoint_every"] or steps_per_epoch
 
     def save(loader_state) -> None:
         rngs = distributed.all_gather_object(checkpoint.rng_state())
@@ -267,36 +261,43 @@ def train(cfg: dict) -> dict:
     for cb in callbacks:
         cb.on_train_start(ctx)
     model.train()
-    batches = Prefetch(loader, int(get(cfg, "data.prefetch", 2)), first_epoch=step // steps_per_epoch,
+    batches = Prefetch(loader, data["prefetch"], first_epoch=step // steps_per_epoch,
                        reset_first=state is None or step % steps_per_epoch == 0)
+    dropped = 0  # micro-batches left at an epoch's end (fewer than accum_steps)
     try:
         while step < total:
             t0 = time.perf_counter()
-            batch, loader_state, epoch = batches.next()
-            if epoch != step // steps_per_epoch:  # len(loader) promised more: never drift
+            group, group_epoch = [], None
+            while len(group) < accum:
+                batch, loader_state, epoch = batches.next()
+                if group and epoch != group_epoch:
+                    dropped, group = dropped + len(group), []
+                group_epoch = epoch
+                group.append(batch)
+            if group_epoch != step // steps_per_epoch:  # len(loader) promised more: never drift
                 raise RuntimeError(f"the loader ended epoch {step // steps_per_epoch} after "
-                                   f"{step % steps_per_epoch} of {steps_per_epoch} batches (len(loader)); "
-                                   f"check the shards in {get(cfg, 'data.shards')} with `make verify`")
-            batch = to_device(batch, info.device, channels_last)
+                                   f"{step % steps_per_epoch} of {steps_per_epoch} steps (len(loader)); "
+                                   f"check the shards in {data['shards']} with `make verify`")
+            group = [to_device(b, info.device, channels_last) for b in group]
             t_data = time.perf_counter() - t0
-            if get(cfg, "debug.nan_at_step") == step + 1:  # test hook: corrupt this batch's pixels
-                batch = {k: v.new_full(v.shape, float("nan")) if v.is_floating_point() and v.ndim == 4
-                         else v for k, v in batch.items()}
+            for cb in callbacks:
+                group = [cb.on_batch(ctx, b) for b in group]
             lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-            loss, logs = train_step(model, method, optimizer, scheduler, scaler, batch, dtype, step, total)
+            loss, logs = train_step(model, method, optimizer, scheduler, scaler, group if accum > 1 else group[0],
+                                    dtype, step, total, clip_grad=cfg["optim"]["clip_grad"])
             step += 1
             metrics.step(step, loss, lr, time.perf_counter() - t0, t_data, logs)
             ctx.step = step
-            for cb in callbacks:
-                cb.on_step_end(ctx)
             if step % every == 0 or step == total:
                 save(loader_state)
-            maybe_fault(cfg, info, step)
+            for cb in callbacks:
+                cb.on_step_end(ctx)
     except NonFiniteLoss as e:
         last = checkpoint.checkpoint_dir(out) / checkpoint.LAST
         kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written yet"
         message = (f"[pretrain] stopped: {e} on rank {info.rank}; {kept}. Lower optim.base_lr, raise "
-                   "optim.warmup_epochs, or use train.precision=fp32, then rerun (it resumes from the checkpoint).")
+                   "optim.warmup_epochs, set optim.clip_grad, or use train.precision=fp32, then rerun "
+                   "(it resumes from the checkpoint).")
         metrics.event("non_finite_loss", step=step + 1)
         metrics.say(message)  # rank 0: stderr and train.log
         metrics.close()
@@ -308,15 +309,18 @@ def train(cfg: dict) -> dict:
         cb.on_train_end(ctx)
     summary = metrics.summary()
     exported = None
-    if info.is_main and get(cfg, "export.enabled", True):
+    if info.is_main and cfg["export"]["enabled"]:
         from train.export import export_method
-        exported = export_method(method, out / "exported", target=bool(get(cfg, "export.target", False)))
+        exported = export_method(method, out / "exported", target=cfg["export"]["target"],
+                                 formats=cfg["export"]["formats"])
     if info.is_main:
-        metrics.event("end", step=step, **summary)
+        metrics.event("end", step=step, dropped_micro_batches=dropped, **summary)
         metrics.say(f"[pretrain] done: step {step}/{total}, {summary['steps']} steps this run in "
                     f"{format_duration(summary['seconds'])}, {summary['images_per_s']:.1f} img/s, data-wait "
-                    f"{100 * summary['data_wait_share']:.1f}%; checkpoint "
-                    f"{checkpoint.checkpoint_dir(out) / checkpoint.LAST}"
+                    f"{100 * summary['data_wait_share']:.1f}%"
+                    + (f", {dropped} trailing micro-batches of epochs skipped (not a multiple of "
+                       f"train.accum_steps)" if dropped else "")
+                    + f"; checkpoint {checkpoint.checkpoint_dir(out) / checkpoint.LAST}"
                     + (f"; exported {', '.join(str(p) for p in exported.values())}" if exported else ""))
     metrics.close()
     distributed.shutdown()

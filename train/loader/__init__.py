@@ -15,7 +15,6 @@ from .recipes import DEFAULTS, Recipe
 from .source import ShardReadError, ShardSource
 from .split import Split
 
-RECIPES = tuple(sorted(DEFAULTS))
 BACKENDS = ("dali", "reference")
 
 
@@ -107,6 +106,12 @@ def build_loader(recipe: str, shards_dir: str | os.PathLike, batch_size: int, *,
     split = Split(len(source), batch_size, world_size, rank, seed)
     return Loader(Recipe(recipe, image_size, **recipe_overrides), source, split, backend,
                   num_workers, device_id, decode)
+
+
+def __getattr__(name: str):
+    if name == "RECIPES":  # read lazily: methods declare recipes, found on first use (no import circle)
+        return tuple(sorted(DEFAULTS))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["build_loader", "Loader", "RECIPES", "ShardReadError"]

@@ -1,5 +1,6 @@
-"""Batch assembly shared by both backends: fixed-shape box tensors, ids, validity flags,
-the per-view crop parameters, and MaskCo's zeroed query box."""
+"""Batch assembly shared by both backends: fixed-shape box tensors, ids, validity flags
+(keys from the recipe's BoxSets), the per-view crop parameters, then the recipe's own
+`finish` (e.g. MaskCo zeroes its query box with `zero_box`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,21 +12,17 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def ids_key(box_key: str) -> str | None:
-    return "ids" + box_key[len("boxes"):] if box_key.startswith("boxes") else None
-
-
 def box_tensors(recipe: Recipe, plans: list[Plan], view_boxes: list[dict]) -> dict:
     """`view_boxes[i][key]` are sample i's boxes already in view pixels; adds ids/valid."""
     out = {}
-    for key in plans[0].boxes:
-        stacked = torch.from_numpy(np.stack([np.asarray(vb[key], np.float32) for vb in view_boxes]))
-        out[key] = stacked[:, 0] if key == "query_box" else stacked
-        ik = ids_key(key)
-        if ik:
-            ids = torch.from_numpy(np.stack([p.ids[ik] for p in plans]).astype(np.int64))
-            out[ik] = ids
-            out["valid" + key[len("boxes"):]] = ids >= 0
+    for spec in recipe.box_sets:
+        stacked = torch.from_numpy(np.stack([np.asarray(vb[spec.boxes], np.float32) for vb in view_boxes]))
+        out[spec.boxes] = stacked[:, 0] if spec.single else stacked
+        if spec.ids:
+            ids = torch.from_numpy(np.stack([p.ids[spec.ids] for p in plans]).astype(np.int64))
+            out[spec.ids] = ids
+            if spec.valid:
+                out[spec.valid] = ids >= 0
     return out
 
 
@@ -53,6 +50,4 @@ def finish(recipe: Recipe, batch: dict, plans: list[Plan], view_boxes: list[dict
     batch.update(box_tensors(recipe, plans, view_boxes))
     batch["views"] = view_params(recipe, plans)
     batch["index"] = torch.as_tensor(np.asarray(samples), dtype=torch.int64)
-    if recipe.method == "maskco":
-        zero_box(batch["query"], batch["query_box"])
-    return batch
+    return recipe.finish(batch)

@@ -1,8 +1,12 @@
 """Method registry and the interface every pretraining method implements.
 
-A method is one file `train/methods/<name>.py` that defines
-  RECIPE: str              the loader recipe it consumes (train.loader.build_loader)
-  build(cfg) -> Method     cfg is the resolved config dict (see train/config.py)
+A method is one module (`train/methods/<name>.py`, or any importable `package.module` named in
+the config's `method:` key) that defines
+  ModelConfig              dataclass: its `model:` schema (inherit train.schema.BackboneFields)
+  RECIPE: str              the loader recipe it consumes by default (data.recipe overrides)
+  a train.loader.recipes.Recipe subclass per recipe it declares (registered by name when the
+                           module is imported; views, box sets, mask views, plan, batch hooks)
+  build(cfg) -> Method     cfg is the (possibly partial) config dict; use build_on_backbone
 Everything method-specific lives there: heads, loss, target network and its EMA
 schedule, which parameters LARS/weight decay skip, and the optimiser kind. The
 trainer (train/pretrain.py) only calls what `Method` defines below."""
@@ -10,12 +14,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import pkgutil
 from types import ModuleType
 
 import torch
 from torch import nn
 
-KNOWN = ("soco", "detcon", "maskco", "mocov2")
 
 
 class Method(nn.Module):
@@ -44,12 +48,21 @@ class Method(nn.Module):
         """Trainable parameters split as SoCo/BYOL do (methods.md 1.8): ndim >= 2 get
         weight decay and LARS scaling; 1-D (biases, norms) get neither. Frozen
         parameters (target networks) are left out. Each group carries `lars: bool`."""
+        skip = self.no_weight_decay()
         decay, no_decay = [], []
-        for p in self.parameters():
+        for name, p in self.named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
         return [dict(params=decay, weight_decay=weight_decay, lars=True),
                 dict(params=no_decay, weight_decay=0.0, lars=False)]
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (of this module) that never take weight decay: the backbone's
+        `no_weight_decay()` names (ViT: pos_embed, cls_token, norms, biases), prefixed."""
+        backbone = getattr(self, "backbone", None)
+        names = backbone.no_weight_decay() if backbone is not None and hasattr(backbone, "no_weight_decay") else ()
+        prefix = next((n for n, m in self.named_modules() if m is backbone), "backbone")
+        return {f"{prefix}.{n}" for n in names}
 
     def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
         if target:
@@ -64,8 +77,12 @@ class MomentumEncoderMethod(Method):
     Subclasses set backbone, head, key_backbone, key_head and momentum."""
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        return [dict(params=[p for p in self.parameters() if p.requires_grad],
-                     weight_decay=weight_decay, lars=False)]
+        """Every trainable parameter decays (as MoCo), except the backbone's no_weight_decay names."""
+        skip = self.no_weight_decay()
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [dict(params=[p for n, p in params if n not in skip], weight_decay=weight_decay, lars=False)]
+        exempt = [p for n, p in params if n in skip]
+        return groups + ([dict(params=exempt, weight_decay=0.0, lars=False)] if exempt else [])
 
     def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
         """`target`: the momentum key encoder's backbone instead of the query one."""
@@ -100,47 +117,65 @@ def make_target(online: nn.Module) -> nn.Module:
     return target
 
 
+def known() -> list[str]:
+    """The built-in methods: the modules of this package."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def get(name: str) -> ModuleType:
-    """The method module `train.methods.<name>` (has RECIPE and build)."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"bad method name {name!r}: use one of {KNOWN} (config key `method`)")
-    try:
-        module = importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-        raise ValueError(f"unknown method {name!r}: no train/methods/{name}.py; "
-                         f"known methods: {', '.join(KNOWN)} (config key `method`)") from None
-    for attr in ("RECIPE", "build"):
+    """The method module for a config's `method:`: `train.methods.<name>` for a built-in
+    name, else the importable module path itself (e.g. `mylab.methods.toy`)."""
+    if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+        raise ValueError(f"bad method name {name!r}: use one of {known()} or a module path "
+                         "(config key `method`)")
+    candidates = [name] if "." in name else [f"{__name__}.{name}", name]   # built-in first, then importable
+    module = None
+    for path in candidates:
+        try:
+            module = importlib.import_module(path)
+            break
+        except ModuleNotFoundError as e:
+            if e.name is None or not path.startswith(e.name):
+                raise   # the module exists but one of its imports is missing
+    if module is None:
+        raise ValueError(f"unknown method {name!r}: no train/methods/{name}.py and no importable module "
+                         f"{name}; known methods: {', '.join(known())} (config key `method`)")
+    for attr in ("RECIPE", "build", "ModelConfig"):
         if not hasattr(module, attr):
-            raise TypeError(f"train/methods/{name}.py must define {attr} (see train/methods/__init__.py)")
+            raise TypeError(f"method module {path} must define {attr} (see train/methods/__init__.py)")
     return module
+
+
+def model_schema(module: ModuleType) -> type:
+    """The method's `model:` dataclass."""
+    return module.ModelConfig
 
 
 def build_method(cfg: dict) -> tuple[ModuleType, Method]:
     """(method module, Method) for the config's `method` key, built from its `model:` keys."""
     name = cfg.get("method") if isinstance(cfg, dict) else None
     if not name:
-        from train.config import ConfigError
+        from train.schema import ConfigError
         raise ConfigError("the config has no `method` key (e.g. method: soco)")
     module = get(name)
     return module, module.build(cfg)
 
 
-def build_on_backbone(cls: type, cfg: dict, name: str, defaults: dict,
-                      zero_init_residual: bool) -> Method:
-    """`cls(backbone, **options)` from the config's `model:` keys over `defaults`.
+def model_options(cfg: dict, schema: type, label: str) -> dict:
+    """The config's `model:` keys checked against `schema` (defaults filled). An unknown key is
+    refused by name, so a typo never trains silently with a default."""
+    from train.schema import ConfigError, check_section
+    try:
+        return check_section(schema, (cfg or {}).get("model"), "model")
+    except ConfigError as e:
+        if "unknown key" in str(e):
+            raise ConfigError(f"unknown {label} model keys: {e}") from None
+        raise
 
-    The backbone keys (backbone, width, zero_init_residual) are shared by every method built
-    on one ResNet; any other unknown key is refused by name, so a typo never trains silently
-    with a default."""
-    from train.models.backbone import build_backbone
-    backbone_keys = dict(backbone="resnet50", width=64, zero_init_residual=zero_init_residual)
-    opts = {**backbone_keys, **defaults, **(cfg.get("model") or {})}
-    unknown = set(opts) - set(defaults) - set(backbone_keys)
-    if unknown:
-        raise ValueError(f"unknown {name} model keys {sorted(unknown)}: allowed "
-                         f"{sorted(set(defaults) | set(backbone_keys))}")
-    backbone = build_backbone(opts.pop("backbone"), width=opts.pop("width"),
-                              zero_init_residual=opts.pop("zero_init_residual"))
-    return cls(backbone, **opts)
+
+def build_on_backbone(cls: type, cfg: dict, schema: type, label: str) -> Method:
+    """`cls(backbone, **options)`: the backbone from the registry (train.models) by the
+    schema's BackboneFields, every other `model:` key passed to `cls`."""
+    from train.models import backbone_from_options
+    opts = model_options(cfg, schema, label)
+    return cls(backbone_from_options(opts), **opts)

@@ -15,14 +15,22 @@ The loss is `byol_nce_detcon` (methods.md 2.6) written in torch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from train.distributed import all_gather_with_grad
+from train.loader import geometry as G
+from train.loader.recipes import Plan, Recipe, ViewSpec, two_crops
 from train.methods import Method, build_on_backbone, cosine_momentum, ema_update, make_target
+from train.models import deepest_map
 from train.models.heads import MLP
+from train.schema import BackboneFields
 
 INFINITY = 1e9  # what the official loss subtracts from the trivial same-view logits
 
@@ -132,10 +140,57 @@ def detcon_loss(pred1, pred2, target1, target2, pind1, pind2, tind1, tind2, *,
                 + _one_side(pred2, target1, target2, pind2, tind1, tind2, own, temperature))
 
 
-# --- the method --------------------------------------------------------------------------
+# --- the recipe (methods.md 2.3) ------------------------------------------------------------
 RECIPE = "detcon"
-DEFAULTS = dict(variant="b", num_samples=16, temperature=0.1, hidden_dim=4096, dim=256,
-                base_momentum=0.996, gather=True)
+VIEWS = ("view1", "view2")
+MASKS = ("mask1", "mask2")          # each view's label map, cropped and flipped with it
+MASK_SOURCES = ("fh", "mcg", "gt", "grid")
+
+
+class DetConRecipe(Recipe):
+    """Two BYOL views (bicubic) and their label maps from a mask source."""
+    name = "detcon"
+    DEFAULTS = dict(size=224, scale=(0.08, 1.0), mask_source="fh", grid=(5, 5), colour=True)
+    MASK_VIEWS = dict(zip(MASKS, VIEWS))
+
+    def check(self) -> None:
+        if self.cfg["mask_source"] not in MASK_SOURCES:
+            raise ValueError(f"detcon mask_source {self.cfg['mask_source']!r} is not one of {MASK_SOURCES}")
+
+    def view_specs(self) -> list[ViewSpec]:
+        s = self.cfg["size"]
+        return [ViewSpec(VIEWS[0], s, "byol1", "cubic"), ViewSpec(VIEWS[1], s, "byol2", "cubic")]
+
+    @property
+    def mask_member(self) -> tuple[str, ...]:
+        src = self.cfg["mask_source"]
+        return (f"{src}.png",) if src in ("fh", "mcg", "gt") else ()
+
+    def label_map(self, raw, where: str) -> np.ndarray:
+        from train.loader.source import ShardReadError, decode_png
+        src = self.cfg["mask_source"]
+        if src == "grid":
+            return G.grid_labels(raw.height, raw.width, *self.cfg["grid"])
+        labels = decode_png(raw.members[f"{src}.png"], f"{where} member {raw.key}.{src}.png")
+        if labels.shape != (raw.height, raw.width):
+            raise ShardReadError(f"{where}: {raw.key}.{src}.png is {labels.shape[::-1]} but the image "
+                                 f"is {(raw.width, raw.height)}; rebuild the shards with make shards")
+        return G.mcg_labels(labels) if src == "mcg" else labels
+
+    def plan(self, W, H, boxes, draw, rng) -> Plan:
+        return two_crops(self, W, H, draw, VIEWS)
+
+
+# --- the method --------------------------------------------------------------------------
+@dataclass
+class ModelConfig(BackboneFields):
+    variant: Literal["b", "s"] = "b"
+    num_samples: int = 16
+    temperature: float = 0.1
+    hidden_dim: int = 4096
+    dim: int = 256
+    base_momentum: float = 0.996
+    gather: bool = True
 
 
 def gather_targets(targets: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
@@ -169,7 +224,7 @@ class DetCon(Method):
         self.variant, self.num_samples, self.temperature = variant, num_samples, temperature
         self.base_momentum, self.gather = base_momentum, gather
         self.backbone = backbone
-        self.projector = _mlp(backbone.out_channels[-1], hidden_dim, dim)
+        self.projector = _mlp(backbone.feature_info[-1]["channels"], hidden_dim, dim)
         if variant == "b":
             self.predictor = _mlp(dim, hidden_dim, dim)
             self.target_backbone, self.target_projector = make_target(backbone), make_target(self.projector)
@@ -190,17 +245,17 @@ class DetCon(Method):
         return projector(pooled.flatten(0, 1)).view(*ids.shape, -1)
 
     def forward(self, batch: dict) -> dict:
-        views = (batch["view1"], batch["view2"])
-        maps = [self.backbone.features(v)[-1] for v in views]
+        views = tuple(batch[v] for v in VIEWS)
+        maps = [deepest_map(self.backbone, v) for v in views]
         cells = [masks_to_grid(batch[k].to(v.device), f.shape[-2:])
-                 for k, v, f in zip(("mask1", "mask2"), views, maps)]
+                 for k, v, f in zip(MASKS, views, maps)]
         ids = [sample_mask_ids(c, self.num_samples) for c in cells]       # views draw independently
         z = [self._embed(self.backbone, self.projector, f, c, i) for f, c, i in zip(maps, cells, ids)]
         if self.variant == "b":
             pred = [self.predictor(t.flatten(0, 1)).view(t.shape) for t in z]
             with torch.no_grad():                                           # same ids as the online branch
                 target = [self._embed(self.target_backbone, self.target_projector,
-                                      self.target_backbone.features(v)[-1], c, i)
+                                      deepest_map(self.target_backbone, v), c, i)
                           for v, c, i in zip(views, cells, ids)]
         else:
             pred = target = z                                               # DetCon-S: shared, grads both ways
@@ -220,5 +275,5 @@ def _count_masks(cells: torch.Tensor) -> float:
 
 
 def build(cfg: dict) -> DetCon:
-    """Options live under `model:` (as for SoCo): DEFAULTS plus the backbone keys."""
-    return build_on_backbone(DetCon, cfg, "detcon", DEFAULTS, zero_init_residual=True)
+    """Options live under `model:` (ModelConfig: the backbone keys plus DetCon's)."""
+    return build_on_backbone(DetCon, cfg, ModelConfig, "detcon")

@@ -9,6 +9,9 @@ MaskCo(+in) also uses the 16 boxes of the same image. InfoNCE at temperature 0.2
 key momentum 0.999, SGD lr 0.03 momentum 0.9 weight decay 1e-3 (as the paper prints)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -17,10 +20,54 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import roi_align
 
 from train.distributed import all_gather_with_grad
+from train.loader import geometry as G
+from train.loader.collate import zero_box
+from train.loader.recipes import BoxSet, Plan, Recipe, ViewSpec
 from train.methods import MomentumEncoderMethod, build_on_backbone, make_target
+from train.models import deepest_map
 from train.models.heads import MLP
+from train.schema import BackboneFields
 
 RECIPE = "maskco"
+QUERY, KEY = "query", "key"
+KEY_BOXES = BoxSet("key_boxes", KEY)                  # [B,17,4]: box 0 the positive, 1..16 negatives
+QUERY_BOX = BoxSet("query_box", QUERY, single=True)   # [B,4]: box 0 seen from the query view, zeroed
+
+
+class MaskCoRecipe(Recipe):
+    """Key and query crops overlapping enough; 17 key boxes in the overlap; the query view's
+    copy of box 0 is zeroed (after normalisation: the mean colour)."""
+    name = "maskco"
+    DEFAULTS = dict(size=224, scale=(0.2, 1.0), min_overlap=0.5, overlap_tries=10, n_boxes=17,
+                    box_side=(32, 128), neg_iou=0.2, colour=True)
+    SCALED = ("box_side",)
+    BOX_SETS = (KEY_BOXES, QUERY_BOX)
+
+    def view_specs(self) -> list[ViewSpec]:
+        return [ViewSpec(QUERY, self.cfg["size"], "moco"), ViewSpec(KEY, self.cfg["size"], "moco")]
+
+    def plan(self, W, H, boxes, draw, rng) -> Plan:
+        c, s = self.cfg, self.cfg["size"]
+        key = G.View(*draw.crop(W, H, c["scale"]), s, s, draw.coin(0.5))
+        best, best_overlap = None, -1.0
+        for _ in range(c["overlap_tries"]):  # query crop must share enough of the key crop
+            crop = draw.crop(W, H, c["scale"])
+            inter = G.intersect(key.rect, np.array([crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3]], np.float32))
+            overlap = G.area(inter)[0] / min(crop[2] * crop[3], key.w * key.h)
+            if overlap > best_overlap:
+                best, best_overlap, best_inter = crop, overlap, inter
+            if overlap >= c["min_overlap"]:
+                break
+        query = G.View(*best, s, s, draw.coin(0.5))
+        region = G.to_view(best_inter, key)[0]
+        key_boxes = G.maskco_boxes(rng, region, s, c["n_boxes"], c["box_side"], c["neg_iou"])
+        src = G.to_source(key_boxes, key)
+        return Plan({QUERY: query, KEY: key},
+                    boxes={KEY_BOXES.boxes: (KEY, src), QUERY_BOX.boxes: (QUERY, src[:1])})
+
+    def finish(self, batch: dict) -> dict:
+        zero_box(batch[QUERY], batch[QUERY_BOX.boxes])
+        return batch
 
 
 def maskco_loss(q: torch.Tensor, keys: torch.Tensor, *, offset: int = 0, temperature: float = 0.2,
@@ -74,8 +121,17 @@ def box_features(features: torch.Tensor, boxes: torch.Tensor, image_size: int, r
 
 
 # --- the method --------------------------------------------------------------------------
-DEFAULTS = dict(intra=False, mph_blocks=3, dim=128, hidden_dim=None, roi_size=7,
-                momentum=0.999, temperature=0.2, gather=False)
+@dataclass
+class ModelConfig(BackboneFields):
+    zero_init_residual: bool = False
+    intra: bool = False                  # MaskCo(+in): also the 16 intra-image negatives
+    mph_blocks: int = 3
+    dim: int = 128
+    hidden_dim: int | None = None        # null = backbone channels
+    roi_size: int = 7
+    momentum: float = 0.999
+    temperature: float = 0.2
+    gather: bool = False
 
 
 class MaskCo(MomentumEncoderMethod):
@@ -84,7 +140,7 @@ class MaskCo(MomentumEncoderMethod):
     def __init__(self, backbone: nn.Module, intra: bool, mph_blocks: int, dim: int, hidden_dim: int | None,
                  roi_size: int, momentum: float, temperature: float, gather: bool):
         super().__init__()
-        channels = backbone.out_channels[-1]
+        channels = backbone.feature_info[-1]["channels"]
         self.backbone = backbone
         self.mph = mask_prediction_head(channels, mph_blocks)                    # query path only
         self.head = MLP(channels, hidden_dim or channels, dim, bn=False)          # MoCo v2 head
@@ -94,13 +150,13 @@ class MaskCo(MomentumEncoderMethod):
 
 
     def forward(self, batch: dict) -> dict:
-        query, key = batch["query"], batch["key"]
-        query_box = batch["query_box"].to(query.device, torch.float32)[:, None]      # [B,1,4]
-        key_boxes = batch["key_boxes"].to(key.device, torch.float32)                 # [B,17,4]
-        fq = self.mph(self.backbone.features(query)[-1])
+        query, key = batch[QUERY], batch[KEY]
+        query_box = batch[QUERY_BOX.boxes].to(query.device, torch.float32)[:, None]  # [B,1,4]
+        key_boxes = batch[KEY_BOXES.boxes].to(key.device, torch.float32)             # [B,17,4]
+        fq = self.mph(deepest_map(self.backbone, query))
         q = F.normalize(self.head(box_features(fq, query_box, query.shape[-1], self.roi_size)[:, 0]), dim=1)
         with torch.no_grad():
-            fk = self.key_backbone.features(key)[-1]
+            fk = deepest_map(self.key_backbone, key)
             k = F.normalize(self.key_head(box_features(fk, key_boxes, key.shape[-1], self.roi_size)), dim=-1)
             offset = 0
             if self.gather and dist.is_initialized():         # negatives from every rank's images
@@ -111,5 +167,5 @@ class MaskCo(MomentumEncoderMethod):
 
 
 def build(cfg: dict) -> MaskCo:
-    """Options live under `model:` (as for SoCo): DEFAULTS plus the backbone keys."""
-    return build_on_backbone(MaskCo, cfg, "maskco", DEFAULTS, zero_init_residual=False)
+    """Options live under `model:` (ModelConfig: the backbone keys plus MaskCo's)."""
+    return build_on_backbone(MaskCo, cfg, ModelConfig, "maskco")

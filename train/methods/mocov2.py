@@ -8,16 +8,33 @@ cannot leak the positive) needs several CUDA ranks; on CPU/gloo or one rank it i
 skipped and the run says so once."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from train.distributed import all_gather_with_grad
+from train.loader.recipes import Plan, Recipe, ViewSpec, two_crops
 from train.methods import MomentumEncoderMethod, build_on_backbone, make_target
 from train.models.heads import MLP
+from train.schema import BackboneFields
 
 RECIPE = "mocov2"
+VIEWS = ("query", "key")
+
+
+class MoCoV2Recipe(Recipe):
+    """Two aug-plus views (methods.md 6): random-resized crops at scale 0.2-1, MoCo colour."""
+    name = "mocov2"
+    DEFAULTS = dict(size=224, scale=(0.2, 1.0), colour=True)
+
+    def view_specs(self) -> list[ViewSpec]:
+        return [ViewSpec(v, self.cfg["size"], "moco") for v in VIEWS]
+
+    def plan(self, W, H, boxes, draw, rng) -> Plan:
+        return two_crops(self, W, H, draw, VIEWS)
 
 
 class KeyQueue(nn.Module):
@@ -96,7 +113,15 @@ def shuffle_bn_mode(setting: str | bool, device: torch.device) -> bool:
 
 
 # --- the method --------------------------------------------------------------------------
-DEFAULTS = dict(dim=128, hidden_dim=None, queue_size=65536, momentum=0.999, temperature=0.2, shuffle_bn="auto")
+@dataclass
+class ModelConfig(BackboneFields):
+    zero_init_residual: bool = False
+    dim: int = 128
+    hidden_dim: int | None = None        # null = backbone channels
+    queue_size: int = 65536
+    momentum: float = 0.999
+    temperature: float = 0.2
+    shuffle_bn: str | bool = "auto"      # auto | true | false
 
 
 class MoCoV2(MomentumEncoderMethod):
@@ -106,7 +131,7 @@ class MoCoV2(MomentumEncoderMethod):
     def __init__(self, backbone: nn.Module, dim: int, hidden_dim: int | None, queue_size: int,
                  momentum: float, temperature: float, shuffle_bn: str | bool):
         super().__init__()
-        channels = backbone.out_channels[-1]
+        channels = backbone.feature_info[-1]["channels"]
         self.backbone = backbone
         self.head = MLP(channels, hidden_dim or channels, dim, bn=False)       # fc-ReLU-fc, no BN
         self.key_backbone, self.key_head = make_target(backbone), make_target(self.head)
@@ -129,8 +154,8 @@ class MoCoV2(MomentumEncoderMethod):
             return unshuffle_across_ranks(k, inverse) if shuffle else k
 
     def forward(self, batch: dict) -> dict:
-        q = F.normalize(self.head(self.backbone(batch["query"])), dim=1)
-        k = self._keys(batch["key"])
+        q = F.normalize(self.head(self.backbone(batch[VIEWS[0]])), dim=1)
+        k = self._keys(batch[VIEWS[1]])
         loss, acc = infonce(q, k, self.queue.keys.clone(), self.temperature)
         with torch.no_grad():
             self.queue.enqueue(all_gather_with_grad(k))
@@ -139,5 +164,5 @@ class MoCoV2(MomentumEncoderMethod):
 
 
 def build(cfg: dict) -> MoCoV2:
-    """Options live under `model:` (as for SoCo): DEFAULTS plus the backbone keys."""
-    return build_on_backbone(MoCoV2, cfg, "mocov2", DEFAULTS, zero_init_residual=False)
+    """Options live under `model:` (ModelConfig: the backbone keys plus MoCo v2's)."""
+    return build_on_backbone(MoCoV2, cfg, ModelConfig, "mocov2")

@@ -10,26 +10,105 @@ pairs the assigned-level slots, so the loss is the same at a quarter of the head
 compute (methods.md 1.4, 10). The head's BN therefore sees only assigned-level RoIs."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from train.methods import Method, cosine_momentum, ema_update, make_target
-from train.models.backbone import build_backbone
+from train.loader import geometry as G
+from train.loader.recipes import BoxSet, Plan, Recipe, ViewSpec
+from train.methods import Method, build_on_backbone, cosine_momentum, ema_update, make_target
 from train.models.fpn import FPN
 from train.models.heads import MLP, ConvFCHead
+from train.schema import BackboneFields
 
 RECIPE = "soco"
 LEVEL_RANGES = (48.0, 96.0, 192.0, 224.0)  # sqrt(wh) upper bounds for P2..P5 at 224-px views
 REFERENCE_SIZE = 224.0
-# (online view, its boxes, its ids, other view, its boxes, its ids) per view pair
-PAIRS = {
-    "fpn": [("view1", "boxes1_2", "ids1_2", "view2", "boxes2", "ids2"),
-            ("view1", "boxes1_3", "ids1_3", "view3", "boxes3", "ids3")],
-    "c4": [("view1", "boxes1_2", "ids1_2", "view2", "boxes2", "ids2")],
-}
-PAIRS["star"] = PAIRS["fpn"] + [("view1", "boxes1_2", "ids1_2", "view4", "boxes4", "ids4")]
+
+# --- the recipe (methods.md 1.3): batch keys named once, here ------------------------------
+V1, V2, V3, V4 = "view1", "view2", "view3", "view4"
+BOXES1_2 = BoxSet("boxes1_2", V1, "ids1_2", "valid1_2")   # V1's boxes paired with V2's
+BOXES2 = BoxSet("boxes2", V2, "ids2", "valid2")
+BOXES1_3 = BoxSet("boxes1_3", V1, "ids1_3", "valid1_3")   # V1's boxes paired with V3's
+BOXES3 = BoxSet("boxes3", V3, "ids3", "valid3")
+BOXES4 = BoxSet("boxes4", V4, "ids4", "valid4")           # SoCo*: V4 = V2 resized, V2's boxes
+# (online box set, other box set, log name) per view pair
+PAIRS = {"fpn": [(BOXES1_2, BOXES2, "loss_12"), (BOXES1_3, BOXES3, "loss_13")],
+         "c4": [(BOXES1_2, BOXES2, "loss_12")]}
+PAIRS["star"] = PAIRS["fpn"] + [(BOXES1_2, BOXES4, "loss_14")]
+
+
+class SoCoRecipe(Recipe):
+    """V1 the whole image, V2/V3 random crops with K shared proposals each (jittered on V1)."""
+    name = "soco"
+    DEFAULTS = dict(size=224, size3=112, scale2=(0.5, 1.0), scale3=(0.5, 1.0), k=4, max_tries=5,
+                    jitter_prob=0.5, jitter_ratio=0.1, colour=True, star=False, size4=112)
+    SCALED = ("size3", "size4")
+    BOX_SETS = (BOXES1_2, BOXES2, BOXES1_3, BOXES3)
+
+    def view_specs(self) -> list[ViewSpec]:
+        c, s = self.cfg, self.cfg["size"]
+        views = [ViewSpec(V1, s, "byol1"), ViewSpec(V2, s, "byol2"), ViewSpec(V3, c["size3"], "byol2")]
+        return views + ([ViewSpec(V4, c["size4"], "byol2")] if c["star"] else [])
+
+    @property
+    def box_sets(self) -> tuple[BoxSet, ...]:
+        return self.BOX_SETS + ((BOXES4,) if self.cfg["star"] else ())
+
+    def plan(self, W, H, boxes, draw, rng) -> Plan:
+        c = self.cfg
+        v1 = G.View(0, 0, W, H, c["size"], c["size"], draw.coin(0.5))
+        plan = Plan({V1: v1})
+        for (set_1, set_v, _), size, scale in ((PAIRS["fpn"][0], c["size"], c["scale2"]),
+                                            (PAIRS["fpn"][1], c["size3"], c["scale3"])):
+            least = c["k"] // 2
+            for _ in range(c["max_tries"]):  # SoCo: retry the crop, halving what is enough
+                x0, y0, w, h = draw.crop(W, H, scale)
+                cand = np.flatnonzero(G.overlapping(boxes, G.intersect(v1.rect, np.array(
+                    [x0, y0, x0 + w, y0 + h], np.float32))))
+                if len(cand) >= least:
+                    break
+                least //= 2
+            view = G.View(x0, y0, w, h, size, size, draw.coin(0.5))
+            plan.views[set_v.view] = view
+            if len(cand):
+                ids = G.choose_shared(rng, cand, c["k"])
+                box_a, box_b = boxes[ids], boxes[ids]
+            else:  # nothing overlaps: each whole view is the box, one shared id after the proposals
+                ids = np.full(c["k"], len(boxes), np.int64)
+                box_a, box_b = np.repeat(v1.rect[None], c["k"], 0), np.repeat(view.rect[None], c["k"], 0)
+            plan.boxes[set_1.boxes] = (set_1.view, G.jitter(rng, box_a, c["jitter_prob"], c["jitter_ratio"]))
+            plan.boxes[set_v.boxes] = (set_v.view, box_b)
+            plan.ids[set_1.ids] = plan.ids[set_v.ids] = ids
+        if c["star"]:  # V4: V2's crop at size4 with its own flip, V2's boxes
+            v2 = plan.views[BOXES2.view]
+            plan.views[BOXES4.view] = G.View(v2.x0, v2.y0, v2.w, v2.h, c["size4"], c["size4"], draw.coin(0.5))
+            plan.boxes[BOXES4.boxes] = (BOXES4.view, plan.boxes[BOXES2.boxes][1])
+            plan.ids[BOXES4.ids] = plan.ids[BOXES2.ids]
+        return plan
+
+
+class SoCoStarRecipe(SoCoRecipe):
+    """SoCo*: V3 at 192 and V4 = V2 resized to 112 (methods.md 1.3)."""
+    name = "soco_star"
+    DEFAULTS = {**SoCoRecipe.DEFAULTS, "star": True, "size3": 192}
+
+
+@dataclass
+class ModelConfig(BackboneFields):
+    variant: Literal["fpn", "star", "c4"] = "fpn"
+    fpn_channels: int = 256
+    head_conv_channels: int = 256
+    head_fc_dim: int = 1024
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    ema_base: float = 0.99
+    level_ranges: list[float] = field(default_factory=lambda: list(LEVEL_RANGES))
 
 
 def assign_levels(boxes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
@@ -79,16 +158,18 @@ def byol_box_loss(p: torch.Tensor, z: torch.Tensor, ids_p: torch.Tensor,
 class SoCo(Method):
     find_unused_parameters = True  # a level with no box in a batch gets no gradient
 
-    def __init__(self, variant: str = "fpn", backbone: str = "resnet50", width: int = 64,
-                 fpn_channels: int = 256, head_conv_channels: int = 256, head_fc_dim: int = 1024,
-                 proj_hidden: int = 4096, proj_dim: int = 256, ema_base: float = 0.99,
-                 level_ranges=LEVEL_RANGES, zero_init_residual: bool = True):
+    def __init__(self, backbone: nn.Module, variant: str = "fpn", fpn_channels: int = 256,
+                 head_conv_channels: int = 256, head_fc_dim: int = 1024, proj_hidden: int = 4096,
+                 proj_dim: int = 256, ema_base: float = 0.99, level_ranges=LEVEL_RANGES):
         super().__init__()
         if variant not in PAIRS:
             raise ValueError(f"unknown SoCo variant {variant!r}: use one of {sorted(PAIRS)} (model.variant)")
+        if getattr(backbone, "family", None) != "resnet":
+            raise ValueError(f"SoCo needs a multi-scale ResNet (FPN over res2..res5, C4 head on res5); "
+                             f"model.backbone is a {getattr(backbone, 'family', '?')} backbone")
         self.variant, self.ema_base = variant, ema_base
         self.pairs = PAIRS[variant]
-        self.backbone = build_backbone(backbone, width=width, zero_init_residual=zero_init_residual)
+        self.backbone = backbone
         self.register_buffer("level_ranges", torch.tensor(level_ranges, dtype=torch.float32),
                              persistent=False)
         if variant == "c4":
@@ -129,8 +210,8 @@ class SoCo(Method):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
         # Level bounds are for 224-px views; smaller recipes scale them by V1's size.
-        level_scale = batch["view1"].shape[-1] / REFERENCE_SIZE
-        views = sorted({p[0] for p in self.pairs} | {p[3] for p in self.pairs})
+        level_scale = batch[V1].shape[-1] / REFERENCE_SIZE
+        views = sorted({b.view for pair in self.pairs for b in pair[:2]})
         branch = self._online
         online = {v: self._maps(branch, batch[v]) for v in views}
         with torch.no_grad():
@@ -144,16 +225,16 @@ class SoCo(Method):
                 z = self._embed(self.target, target[view], boxes, size, level_scale)
             return p.reshape(z.shape), z
 
-        def ids(key):  # ids < 0 are padding; a `valid` mask, when given, must agree
-            valid = batch.get("valid" + key[3:])
-            return batch[key] if valid is None else torch.where(valid, batch[key], -1)
+        def ids(box_set: BoxSet):  # ids < 0 are padding; a `valid` mask, when given, must agree
+            valid = batch.get(box_set.valid)
+            return batch[box_set.ids] if valid is None else torch.where(valid, batch[box_set.ids], -1)
 
         logs, total = {}, 0.0
-        for va, ba, ia, vb, bb, ib in self.pairs:
-            p_a, z_a = embeds(va, ba)
-            p_b, z_b = embeds(vb, bb)
-            pair = byol_box_loss(p_a, z_b, ids(ia), ids(ib)) + byol_box_loss(p_b, z_a, ids(ib), ids(ia))
-            logs[f"loss_{va[-1]}{vb[-1]}"] = float(pair.detach())
+        for a, b, log in self.pairs:
+            p_a, z_a = embeds(a.view, a.boxes)
+            p_b, z_b = embeds(b.view, b.boxes)
+            pair = byol_box_loss(p_a, z_b, ids(a), ids(b)) + byol_box_loss(p_b, z_a, ids(b), ids(a))
+            logs[log] = float(pair.detach())
             total = total + pair
         return dict(loss=total, **logs)
 
@@ -169,10 +250,5 @@ class SoCo(Method):
 
 
 def build(cfg: dict) -> SoCo:
-    m = dict(cfg.get("model", {}))
-    known = {"variant", "backbone", "width", "fpn_channels", "head_conv_channels", "head_fc_dim",
-             "proj_hidden", "proj_dim", "ema_base", "level_ranges", "zero_init_residual"}
-    unknown = set(m) - known
-    if unknown:
-        raise ValueError(f"unknown SoCo model keys {sorted(unknown)}: allowed {sorted(known)}")
-    return SoCo(**m)
+    """Options live under `model:` (ModelConfig: the backbone keys plus SoCo's)."""
+    return build_on_backbone(SoCo, cfg, ModelConfig, "SoCo")

@@ -23,7 +23,11 @@ ARCHS: dict[str, tuple[type[nn.Module], list[int]]] = {
 
 class ResNet(tvr.ResNet):
     """torchvision's ResNet with a configurable base width; same module names, same
-    `_make_layer` and block classes (inherited), so keys match torchvision."""
+    `_make_layer` and block classes (inherited), so keys match torchvision. Implements the
+    backbone protocol of train/models/registry.py."""
+
+    family = "resnet"
+    export_formats = ("torchvision", "detectron2")
 
     def __init__(self, block, layers, width: int = 64,
                  norm_layer: Callable[[int], nn.Module] | None = None,
