@@ -227,6 +227,30 @@ def test_patch_pixels_are_their_source_rectangle_and_the_crop_of_their_view(back
     assert checked > 10000
 
 
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_patches_cut_from_the_view_share_its_colour_and_lie_in_their_cells(backend, syn):
+    """`patches: view` (the shuuchen reading): colour on, each patch is exactly the pixels of
+    its recorded box in the augmented view, a whole-pixel P-square inside its cell."""
+    size = 96
+    loader = build_loader("detco", syn[0], 4, backend=backend, num_workers=0, image_size=size, patches="view")
+    P = Recipe("detco", image_size=size).cfg["patch"]
+    batch = next(iter(loader))
+    assert batch["views"].shape[1] == 2                                   # no loader views for patches
+    for v in VIEWS:
+        boxes, cells = batch[PATCH_BOXES[v].boxes], batch[PATCH_BOXES[v].ids]
+        assert torch.allclose(boxes, boxes.round(), atol=1e-3)
+        for b in range(4):
+            assert sorted(cells[b].tolist()) == list(range(9))
+            for slot in range(9):
+                x1, y1, x2, y2 = (int(round(t)) for t in boxes[b, slot].tolist())
+                r, c = divmod(int(cells[b, slot]), 3)
+                assert (x2 - x1, y2 - y1) == (P, P)
+                assert c * size / 3 <= x1 and x2 <= (c + 1) * size / 3 and r * size / 3 <= y1 and y2 <= (r + 1) * size / 3
+                assert torch.equal(batch[PATCHES[v]][b, slot], batch[v][b, :, y1:y2, x1:x2])
+    with pytest.raises(ValueError, match="data.options.patches"):
+        Recipe("detco", patches="cells")
+
+
 # --------------------------------------------------------------------------- 2 ranks == 1
 def _ranks_worker(rank, world, init_file, out):
     """Two optimiser steps of the real train_step on a fixed global batch of 4, split over

@@ -79,13 +79,30 @@ def patch_rect(view: G.View, cell: int, grid: int, patch: int, rng: np.random.Ge
     return x0, y0, w, h
 
 
+def view_patch_rect(cell: int, grid: int, size: int, patch: int, rng: np.random.Generator) -> np.ndarray:
+    """A random patch x patch square of the view's cell at integer view pixels (x1y1x2y2):
+    the `patches: view` reading, cut from the augmented view itself."""
+    x1, y1, x2, y2 = cell_rect(cell, grid, size)
+    lo = np.ceil([x1, y1]).astype(int)
+    hi = np.floor([x2, y2]).astype(int) - patch
+    x0, y0 = (int(rng.integers(a, max(b, a) + 1)) for a, b in zip(lo, hi))
+    return np.array([x0, y0, x0 + patch, y0 + patch], np.float32)
+
+
 class DetCoRecipe(Recipe):
     """MoCo v2's two aug-plus views, plus per view a grid x grid jigsaw of `patch`-pixel
-    patches (one per cell, shuffled), each patch a view of its own source rectangle: both
-    backends crop it from the image directly, with its own colour draw (see README "DetCo":
-    the unofficial port cuts patches from the augmented view, sharing its colour)."""
+    patches (one random square inside each cell, shuffled). `patches` says where a patch's
+    pixels come from:
+      image  each patch is a view of its own integer source rectangle (the cell mapped back
+             through the view's crop and flip): both backends crop it from the image, with
+             its own colour draw; recorded in `views` like any view (ours, the default);
+      view   each patch is cut from the augmented view in `finish`, sharing the view's
+             colour, blur and flip (shuuchen/DetCo.pytorch cuts its jigsaw from the
+             transformed tensor); no extra loader views.
+    Either way `<view>_patch_boxes` hold each patch's box in its view's pixels and
+    `<view>_patch_cells` its cell (row-major), in slot order."""
     name = "detco"
-    DEFAULTS = dict(size=224, scale=(0.2, 1.0), colour=True, grid=3, patch=64)
+    DEFAULTS = dict(size=224, scale=(0.2, 1.0), colour=True, grid=3, patch=64, patches="image")
     SCALED = ("patch",)
 
     def check(self) -> None:
@@ -97,14 +114,22 @@ class DetCoRecipe(Recipe):
             raise ValueError(f"recipe detco: a {c['patch']} px patch does not fit a cell of the "
                              f"{c['size']} px view cut {c['grid']}x{c['grid']}; lower data.options.patch "
                              f"to at most {c['size'] // c['grid']} or the grid")
+        if c["patches"] not in ("image", "view"):
+            raise ValueError(f"recipe detco: patches must be image or view, got {c['patches']!r} "
+                             "(data.options.patches)")
 
     @property
     def n_patches(self) -> int:
         return self.cfg["grid"] ** 2
 
+    @property
+    def patch_views(self) -> bool:
+        """Whether patches are loader views of their own (`patches: image`)."""
+        return bool(self.n_patches) and self.cfg["patches"] == "image"
+
     def view_specs(self) -> list[ViewSpec]:
         specs = [ViewSpec(v, self.cfg["size"], "moco") for v in VIEWS]
-        for v in VIEWS:
+        for v in (VIEWS if self.patch_views else ()):
             specs += [ViewSpec(n, self.cfg["patch"], "moco") for n in patch_view_names(v, self.n_patches)]
         return specs
 
@@ -120,22 +145,32 @@ class DetCoRecipe(Recipe):
 
     def plan(self, W, H, boxes, draw, rng) -> Plan:
         plan = two_crops(self, W, H, draw, VIEWS)
-        grid, patch, n = self.cfg["grid"], self.cfg["patch"], self.n_patches
+        grid, patch, n, size = self.cfg["grid"], self.cfg["patch"], self.n_patches, self.cfg["size"]
         for v in (VIEWS if n else ()):
             view = plan.views[v]
             cells = rng.permutation(n)                        # slot i shows cell cells[i]
-            rects = [patch_rect(view, cell, grid, patch, rng) for cell in cells]
-            for name, (x0, y0, w, h) in zip(patch_view_names(v, n), rects):
-                plan.views[name] = G.View(x0, y0, w, h, patch, patch, view.flip)
-            plan.boxes[PATCH_BOXES[v].boxes] = (v, np.array([[x, y, x + w, y + h] for x, y, w, h in rects],
-                                                            np.float32))
+            if self.patch_views:
+                rects = [patch_rect(view, cell, grid, patch, rng) for cell in cells]
+                for name, (x0, y0, w, h) in zip(patch_view_names(v, n), rects):
+                    plan.views[name] = G.View(x0, y0, w, h, patch, patch, view.flip)
+                src = np.array([[x, y, x + w, y + h] for x, y, w, h in rects], np.float32)
+            else:
+                src = G.to_source(np.stack([view_patch_rect(c, grid, size, patch, rng) for c in cells]), view)
+            plan.boxes[PATCH_BOXES[v].boxes] = (v, src)
             plan.ids[PATCH_BOXES[v].ids] = cells.astype(np.int64)
         return plan
 
     def finish(self, batch: dict) -> dict:
-        """Stack each view's patch views into `<view>_patches` [B, n, 3, P, P]."""
+        """`<view>_patches` [B, n, 3, P, P]: the patch views stacked (`image`), or the patch
+        boxes cut from the view (`view`; boxes are whole view pixels up to float error)."""
         for v in (VIEWS if self.n_patches else ()):
-            batch[PATCHES[v]] = torch.stack([batch.pop(k) for k in patch_view_names(v, self.n_patches)], 1)
+            if self.patch_views:
+                batch[PATCHES[v]] = torch.stack([batch.pop(k) for k in patch_view_names(v, self.n_patches)], 1)
+                continue
+            corners = batch[PATCH_BOXES[v].boxes][..., :2].round().long().tolist()
+            P, images = self.cfg["patch"], batch[v]
+            batch[PATCHES[v]] = torch.stack([torch.stack([images[b, :, y:y + P, x:x + P] for x, y in row])
+                                             for b, row in enumerate(corners)])
         return batch
 
 
