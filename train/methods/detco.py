@@ -261,7 +261,7 @@ class DetCo(MomentumEncoderMethod):
 
     def forward(self, batch: dict) -> dict:
         e = self.embeddings(batch)
-        total, logs = 0.0, {}
+        total, named = 0.0, {}
         for i, s in enumerate(self.stages):
             pairs = {"gg": ("q_g", "k_g", "global")}
             if self.cglc:
@@ -270,15 +270,16 @@ class DetCo(MomentumEncoderMethod):
             for term, (q, k, kind) in pairs.items():
                 loss, acc = infonce(e[q][:, i], e[k][:, i], self.queues[kind][s].keys.clone(), self.temperature)
                 stage = stage + loss
-                logs[f"{term}_{s}"] = loss.item()
-                if term == "gg" and s == self.stages[-1]:
-                    logs["acc"] = acc.item()
+                named[f"{term}_{s}"] = loss.detach()
+                if term == "gg":
+                    named["acc"] = acc.detach()          # ends as the last stage's global-global
             total = total + self.weights[s] * (stage / len(pairs) if self.combine == "mean" else stage)
         with torch.no_grad():
             for i, s in enumerate(self.stages):
                 self.queues["global"][s].enqueue(all_gather_with_grad(e["k_g"][:, i]))
                 if self.cglc:
                     self.queues["local"][s].enqueue(all_gather_with_grad(e["k_l"][:, i]))
+        logs = dict(zip(named, torch.stack(list(named.values())).float().tolist()))   # one device sync
         return dict(loss=total, **logs)
 
 
