@@ -170,6 +170,25 @@ def test_each_patch_is_an_integer_source_rectangle_inside_its_own_jigsaw_cell():
                 assert abs((x2 - x1) - P) <= px[0] / 2 + 1e-3 and abs((y2 - y1) - P) <= px[1] / 2 + 1e-3
 
 
+@pytest.mark.parametrize("patches", ["image", "view"])
+def test_both_backends_map_one_plans_patch_boxes_to_the_same_view_pixels(patches):
+    """The DALI feeder moves boxes with geometry.to_view, the reference with torchvision's
+    tv_tensors: on the same plans (flips included) the patch boxes agree."""
+    from torchvision import tv_tensors
+    from train.loader.reference import geometric
+    recipe = Recipe("detco", image_size=96, patches=patches)
+    rng = np.random.default_rng(1)
+    flips = set()
+    for W, H in [(160, 120), (120, 160), (300, 90)] * 6:
+        plan = recipe.plan(W, H, np.zeros((0, 4), np.float32), NumpyDraw(rng), rng)
+        for key, (v, src) in plan.boxes.items():
+            flips.add(plan.views[v].flip)
+            bb = tv_tensors.BoundingBoxes(torch.from_numpy(src), format="XYXY", canvas_size=(H, W))
+            ref = geometric(bb, plan.views[v]).as_subclass(torch.Tensor).numpy()
+            np.testing.assert_allclose(ref, G.to_view(src, plan.views[v]), atol=1e-3)
+    assert flips == {True, False}
+
+
 def test_recipe_options_are_checked_and_grid_0_cuts_no_patches():
     with pytest.raises(ValueError, match="data.options.patch"):
         Recipe("detco", patch=80)
