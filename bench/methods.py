@@ -36,11 +36,19 @@ METHODS = {
     "detcon_s": ("detcon_s_small_cpu", ["data.options.mask_source=grid"]),
     "maskco": ("maskco_small_cpu", []),
     "maskco_in": ("maskco_small_cpu", ["model.intra=true"]),
+    # DetCo and the slides' ablation rows: without CGLC (no patches) and without HIC (res5 only)
+    "detco": ("detco_small_cpu", []),
+    "detco_no_cglc": ("detco_small_cpu", ["model.cglc=false", "data.options.grid=0"]),
+    "detco_no_hic": ("detco_small_cpu", ["model.hic=false"]),
 }
 # Backbone work a step, counting forward = 1 and backward = 2 per view:
 # MoCo v2 / MaskCo: query fwd+bwd (3) + key fwd (1) = 4; DetCon-B: 2 x 3 + 2 target fwd = 8;
 # DetCon-S: 2 x 3 = 6. MaskCo adds its MPH on top.
-EXPECTED = {"mocov2": 1.0, "detcon_b": 2.0, "detcon_s": 1.5, "maskco": 1.0, "maskco_in": 1.0}
+# DetCo: MoCo v2's 4 plus the 9 patches a view at 9 x (18/64)^2 = 0.71 of a view's pixels,
+# again 3 (query) + 1 (key): 4 + 4 x 0.71 = 6.85, i.e. 1.71x (heads on res2..res4 not counted).
+DETCO_PATCH_SHARE = 9 * (round(64 * 64 / 224) / 64) ** 2
+EXPECTED = {"mocov2": 1.0, "detcon_b": 2.0, "detcon_s": 1.5, "maskco": 1.0, "maskco_in": 1.0,
+            "detco": 1 + DETCO_PATCH_SHARE, "detco_no_cglc": 1.0, "detco_no_hic": 1 + DETCO_PATCH_SHARE}
 
 
 class Setup:
