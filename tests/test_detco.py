@@ -204,7 +204,8 @@ def test_recipe_options_are_checked_and_grid_0_cuts_no_patches():
 def syn(tmp_path_factory):
     shards = write_shards(tmp_path_factory.mktemp("syn") / "shards", 8, per_shard=4, seed=3)
     src = ShardSource(shards)
-    return shards, [decode_png(src._read(r, "fh.png"), r.key) for r in src.refs]
+    return shards, [decode_png(src.data.read_members(src.data.row(i), ["fh.png"])["fh.png"], k)
+                    for i, k in enumerate(src.keys)]
 
 
 @pytest.mark.parametrize("backend", ["dali", "reference"])
