@@ -126,12 +126,13 @@ def _world() -> tuple[int, int]:
 def alignment_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of this rank's L2-normalised queries [N, C] against the keys of every rank
     (gathered in rank order, without gradient), the positive of row i being this rank's key i:
-    CE(q k_all^T / T, i + rank N) x 2T. Returns (loss, top-1 accuracy). Float32."""
+    CE(q k_all^T / T, i + rank N) x 2T. Returns (loss, top-1 accuracy). At least float32."""
     rank, _ = _world()
+    dtype = torch.promote_types(queries.dtype, torch.float32)
     with torch.autocast(queries.device.type, enabled=False):
-        q = queries.float()
+        q = queries.to(dtype)
         with torch.no_grad():
-            k = all_gather_with_grad(keys.detach().float().contiguous())
+            k = all_gather_with_grad(keys.detach().to(dtype).contiguous())
         logits = q @ k.t() / temperature
         labels = torch.arange(len(q), device=q.device) + rank * len(q)
         loss = F.cross_entropy(logits, labels) * (2 * temperature)
