@@ -281,3 +281,23 @@ def test_a_few_steps_on_dali_export_a_backbone_that_timm_loads_with_the_same_fea
     torch.testing.assert_close(tokens[:, 0], feats["cls"])
     torch.testing.assert_close(tokens[:, 1:].transpose(1, 2).reshape(2, 64, 8, 8), feats["tokens"])
     torch.testing.assert_close(loaded.pos_embed, sincos_2d(64, 8, 8))      # the fixed table travels
+
+
+def test_the_token_grid_gives_object_crops_by_roialign_and_cls_and_mean_pooled_features():
+    """What ViT probes need from forward_features: CLS, mean-pooled tokens, and RoIAlign on the
+    token grid at stride = patch (a box on patch edges averages exactly the tokens it covers)."""
+    from torchvision.ops import roi_align
+    method = _method()
+    method.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = method.backbone.forward_features(x)
+        stride = method.backbone.feature_info[-1]["stride"]
+        boxes = torch.tensor([[0, 0.0, 0, 16, 16], [1, 8, 16, 24, 32]])   # (image, x1, y1, x2, y2) in pixels
+        crops = roi_align(feats["tokens"], boxes, output_size=1, spatial_scale=1 / stride, sampling_ratio=2,
+                          aligned=True)[..., 0, 0]
+    t = feats["tokens"]
+    torch.testing.assert_close(crops[0], t[0, :, 0:2, 0:2].mean((1, 2)))
+    torch.testing.assert_close(crops[1], t[1, :, 2:4, 1:3].mean((1, 2)))
+    torch.testing.assert_close(feats["cls"], method.backbone(x))
+    assert t.mean((2, 3)).shape == feats["cls"].shape == (2, 32)
