@@ -233,17 +233,20 @@ def test_the_ccmim_recipe_is_one_bicubic_random_resized_crop_with_flips_and_no_c
     assert set(batch) == {"image", "views", "index"} and batch["image"].shape == (7, 3, 64, 64)
     ds = ShardDataset(sample_shards)
     keys = ds.keys
-    errors = []
+    errors = {Image.BICUBIC: [], Image.BILINEAR: []}
     for i in range(7):
         x0, y0, w, h, flip = batch["views"][i, 0].tolist()
         source = Image.open(io.BytesIO(ds.get(keys[int(batch["index"][i])]).jpeg)).convert("RGB")
         assert 0.2 - 1e-3 <= w * h / (source.width * source.height) <= 1 + 1e-3
         assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
-        want = np.asarray(source.resize((64, 64), Image.BICUBIC, box=(x0, y0, x0 + w, y0 + h)), np.float32)
-        want = want[:, ::-1] if flip else want
         got = (batch["image"][i].permute(1, 2, 0).numpy() * np.array(STD) + np.array(MEAN)) * 255
-        errors.append(np.abs(got - want).mean())
-    assert max(errors) < 4.0, errors                                     # 0-255 levels; no colour change
+        for interp, errs in errors.items():
+            want = np.asarray(source.resize((64, 64), interp, box=(x0, y0, x0 + w, y0 + h)), np.float32)
+            errs.append(np.abs(got - (want[:, ::-1] if flip else want)).mean())
+    cubic, linear = (np.mean(e) for e in errors.values())                # mean 0-255 levels; no colour change
+    # measured: reference 0.03 vs 0.78 (torchvision's bicubic is PIL's); DALI 1.5 vs 2.0 (its cubic
+    # resize of a DCT-reduced decode)
+    assert cubic < {"reference": 0.25, "dali": 2.5}[backend] and cubic < linear, (cubic, linear)
     flips = [bool(v[0, 4]) for b in loader for v in b["views"]]
     assert any(flips) and not all(flips)
 
