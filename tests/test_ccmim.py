@@ -304,3 +304,14 @@ def test_the_token_grid_gives_object_crops_by_roialign_and_cls_and_mean_pooled_f
     torch.testing.assert_close(crops[1], t[1, :, 2:4, 1:3].mean((1, 2)))
     torch.testing.assert_close(feats["cls"], method.backbone(x))
     assert t.mean((2, 3)).shape == feats["cls"].shape == (2, 32)
+
+
+def test_a_resnet_or_a_view_size_other_than_the_vits_is_refused_naming_the_keys():
+    from train.schema import ConfigError
+    with pytest.raises(ValueError, match="model.backbone must be a vit_\\* name, got a resnet backbone"):
+        get("ccmim").build({"model": {"backbone": "resnet18", "width": 8}})
+    with pytest.raises(ConfigError, match=r"data.image_size=64 but the ViT was built for 32x32 images: set "
+                                          r"model.backbone_options.img_size=64"):
+        get("ccmim").build({"model": TINY, "data": {"image_size": 64}})
+    with pytest.raises(ValueError, match="model.mask_ratio=0.99 leaves 0 of 16 patches visible"):
+        _method(mask_ratio=0.99)({"image": torch.randn(2, 3, 32, 32)})

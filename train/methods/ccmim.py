@@ -242,5 +242,15 @@ class CCMIM(Method):
 
 
 def build(cfg: dict) -> CCMIM:
-    """Options live under `model:` (ModelConfig: the backbone keys plus ccMIM's)."""
-    return build_on_backbone(CCMIM, cfg, ModelConfig, "ccmim")
+    """Options live under `model:` (ModelConfig: the backbone keys plus ccMIM's). The ViT's
+    patch grid is fixed (sin-cos table, masks), so data.image_size must equal its img_size."""
+    method = build_on_backbone(CCMIM, cfg, ModelConfig, "ccmim")
+    if "data" not in (cfg or {}):          # a model-only config (tests, tools): nothing to compare
+        return method
+    side = cfg["data"].get("image_size") or CCMIMRecipe.DEFAULTS["size"]
+    built = tuple(int(s) for s in method.backbone.vit.patch_embed.img_size)
+    if built != (side, side):
+        from train.schema import ConfigError
+        raise ConfigError(f"data.image_size={side} but the ViT was built for {built[0]}x{built[1]} images: set "
+                          f"model.backbone_options.img_size={side} (or data.image_size={built[0]})")
+    return method
