@@ -252,10 +252,10 @@ def test_the_ccmim_recipe_is_one_bicubic_random_resized_crop_with_flips_and_no_c
 
 
 # --- through train/pretrain.py -------------------------------------------------------------
-def test_resume_gives_the_same_next_losses_as_the_uninterrupted_run(sample_shards, tmp_path):
-    """On DALI (the noise u comes from torch's global RNG, which the checkpoint restores; the
-    reference backend's DataLoader draws a seed from it when a resumed epoch starts, see README)."""
-    small = ("data.backend=dali", "data.num_workers=1")
+@pytest.mark.parametrize("backend", ["dali", "reference"])
+def test_resume_gives_the_same_next_losses_as_the_uninterrupted_run(sample_shards, tmp_path, backend):
+    """Both backends: the noise u has its own generator keyed by (seed, rank, forwards so far)."""
+    small = (f"data.backend={backend}", "data.num_workers=1" if backend == "dali" else "data.num_workers=0")
     straight = _run(tmp_path / "straight", sample_shards, "train.steps=4", *small, config="ccmim_small_cpu")
     _run(tmp_path / "split", sample_shards, "train.steps=2", *small, config="ccmim_small_cpu")
     resumed = _run(tmp_path / "split", sample_shards, "train.steps=4", *small, config="ccmim_small_cpu")
@@ -315,3 +315,17 @@ def test_a_resnet_or_a_view_size_other_than_the_vits_is_refused_naming_the_keys(
         get("ccmim").build({"model": TINY, "data": {"image_size": 64}})
     with pytest.raises(ValueError, match="model.mask_ratio=0.99 leaves 0 of 16 patches visible"):
         _method(mask_ratio=0.99)({"image": torch.randn(2, 3, 32, 32)})
+
+
+def test_the_noise_follows_seed_and_forward_count_and_its_counter_is_in_the_state_dict():
+    a, b = _method(), _method()
+    first = a.draw_noise((2, L), torch.device("cpu"))
+    torch.rand(5)                                                         # the global RNG plays no part
+    assert torch.equal(b.draw_noise((2, L), torch.device("cpu")), first)
+    assert not torch.equal(a.draw_noise((2, L), torch.device("cpu")), first)   # the next forward's u
+    assert int(a.state_dict()["draws"]) == 2
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.draw_noise((2, L), torch.device("cpu")), a.draw_noise((2, L), torch.device("cpu")))
+    c = _method()
+    c.seed = 1
+    assert not torch.equal(c.draw_noise((2, L), torch.device("cpu")), first)

@@ -190,6 +190,19 @@ class CCMIM(Method):
         self.masking, self.mask_ratio, self.norm_pix_loss = masking, mask_ratio, norm_pix_loss
         self.temperature, self.align_weight = temperature, align_weight
         self.find_unused_parameters = align_weight == 0          # the projector then gets no gradient
+        # the noise u: its own generator, reseeded each forward from (train.seed, rank, forwards so
+        # far); the counter is a buffer, so a resumed run draws the masks the straight run would,
+        # whatever else used torch's global RNG (loader threads included)
+        self.seed = 0                                              # build() sets train.seed
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self._noise_rng: dict[str, torch.Generator] = {}
+
+    def draw_noise(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """u ~ U(0, 1) [B, L] for this forward; advances the `draws` counter."""
+        g = self._noise_rng.setdefault(str(device), torch.Generator(device))
+        g.manual_seed(((self.seed * 1_000_003 + _world()[0]) * 1_000_003 + int(self.draws)) % 2 ** 63)
+        self.draws += 1
+        return torch.rand(shape, device=device, generator=g)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"decoder.mask_token"}
@@ -215,7 +228,7 @@ class CCMIM(Method):
     def choose(self, cls: torch.Tensor, patches: torch.Tensor, noise: torch.Tensor | None = None):
         """split_patches of this step's scores; `noise` [B, L] = u (U(0, 1) when None)."""
         if noise is None:
-            noise = torch.rand(patches.shape[:2], device=patches.device)
+            noise = self.draw_noise(patches.shape[:2], patches.device)
         if self.masking == "random":
             return split_patches(noise, self.mask_ratio)
         a = cls_attention(self.backbone.vit, torch.cat([cls, patches], dim=1))
@@ -245,6 +258,7 @@ def build(cfg: dict) -> CCMIM:
     """Options live under `model:` (ModelConfig: the backbone keys plus ccMIM's). The ViT's
     patch grid is fixed (sin-cos table, masks), so data.image_size must equal its img_size."""
     method = build_on_backbone(CCMIM, cfg, ModelConfig, "ccmim")
+    method.seed = int(((cfg or {}).get("train") or {}).get("seed") or 0)
     if "data" not in (cfg or {}):          # a model-only config (tests, tools): nothing to compare
         return method
     side = cfg["data"].get("image_size") or CCMIMRecipe.DEFAULTS["size"]
