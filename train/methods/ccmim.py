@@ -177,6 +177,7 @@ class CCMIM(Method):
                              "(timm defaults: class_token=True, reg_tokens=0, no_embed_class=False)")
         self.backbone = backbone
         self.grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+        split_patches(torch.zeros(1, self.grid[0] * self.grid[1]), mask_ratio)   # refuses a ratio now, by name
         self.patch = backbone.patch
         dim = backbone.out_channels[0]
         mae_init_(vit)
