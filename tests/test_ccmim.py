@@ -329,3 +329,22 @@ def test_the_noise_follows_seed_and_forward_count_and_its_counter_is_in_the_stat
     c = _method()
     c.seed = 1
     assert not torch.equal(c.draw_noise((2, L), torch.device("cpu")), first)
+
+
+def test_two_torchrun_ranks_train_ccmim_with_ddp_and_export(sample_shards, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "train/pretrain.py", "--config", str(CONFIGS / "ccmim_small_cpu.yaml"), f"train.out={tmp_path}",
+           f"data.shards={sample_shards}", "data.batch_size=4", "train.steps=2", "train.log_every=1",
+           "train.tensorboard=false", "data.backend=dali"]
+    proc = subprocess.run(cmd, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "start" and r["world_size"] == 2 for r in records)
+    steps = [r for r in records if "loss" in r and "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["align"]) for r in steps)
+    assert (tmp_path / "exported" / "backbone_timm.pth").is_file()
