@@ -88,8 +88,9 @@ class Setup:
         from train.optim import build_optimizer, build_scheduler
         from train.methods import build_method
         config, extra = METHODS[name]
+        vit = [f"model.backbone_options.img_size={image_size}"] if name.startswith("ccmim") else []  # ViT grid = view
         self.cfg = load_config(CONFIGS / f"{config}.yaml", [
-            f"data.shards={shards}", f"data.batch_size={batch}", f"data.image_size={image_size}", *extra])
+            f"data.shards={shards}", f"data.batch_size={batch}", f"data.image_size={image_size}", *vit, *extra])
         torch.manual_seed(0)
         module, self.method = build_method(self.cfg)
         self.method.train()
