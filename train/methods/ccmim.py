@@ -70,30 +70,33 @@ class CCMIMRecipe(Recipe):
 def cls_attention(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """a [B, L] float32: the CLS row of each block's attention (softmax over CLS + patches),
     averaged over heads, its patch columns summed over blocks. `tokens` [B, 1+L, D] (CLS first,
-    position embedding added) runs through `vit.norm_pre` and every block of a timm ViT; the
-    attention probabilities are read at each block's `attn.attn_drop` (the unfused path)."""
+    position embedding added) runs through `vit.norm_pre` and every block of a timm ViT, which
+    keeps its fused attention; the CLS row is recomputed from each block's qkv output (caught by
+    a hook): softmax(scale q_cls k^T), q and k through the block's q_norm / k_norm as timm does."""
     B, N, _ = tokens.shape
     total = torch.zeros(B, N - 1, device=tokens.device, dtype=torch.float32)
-
-    def add(_module, inputs, _output):
-        nonlocal total
-        total = total + inputs[0][:, :, 0, 1:].float().mean(dim=1)
-
     attns = [block.attn for block in vit.blocks]
-    if not all(hasattr(a, "fused_attn") and isinstance(getattr(a, "attn_drop", None), nn.Module) for a in attns):
-        raise TypeError("ccMIM reads attention inside timm's Attention (fused_attn, attn_drop); this timm "
-                        "version's ViT blocks have neither: use the pinned timm (requirements.txt)")
-    fused = [a.fused_attn for a in attns]
-    hooks = [a.attn_drop.register_forward_hook(add) for a in attns]
+    needed = ("qkv", "q_norm", "k_norm", "num_heads", "head_dim", "scale")
+    if not all(hasattr(a, n) for a in attns for n in needed):
+        raise TypeError("ccMIM reads the CLS attention from timm's Attention (qkv, q_norm, k_norm, num_heads, "
+                        "head_dim, scale); this ViT's blocks lack some: use the pinned timm (requirements.txt)")
+
+    def hook(attn: nn.Module):
+        def add(_module, _inputs, qkv):
+            nonlocal total
+            qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim)
+            q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))           # [B, H, 1, hd]: the CLS query
+            k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))            # [B, H, N, hd]
+            prob = ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+            total = total + prob[:, :, 0, 1:].mean(dim=1)
+        return add
+
+    hooks = [a.qkv.register_forward_hook(hook(a)) for a in attns]
     try:
-        for a in attns:
-            a.fused_attn = False
         x = vit.norm_pre(tokens)
         for block in vit.blocks:
             x = block(x)
     finally:
-        for a, f in zip(attns, fused):
-            a.fused_attn = f
         for h in hooks:
             h.remove()
     return total
