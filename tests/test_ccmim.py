@@ -346,3 +346,24 @@ def test_two_torchrun_ranks_train_ccmim_with_ddp_and_export(sample_shards, tmp_p
     steps = [r for r in records if "loss" in r and "event" not in r]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["align"]) for r in steps)
     assert (tmp_path / "exported" / "backbone_timm.pth").is_file()
+
+
+def test_adamw_decays_only_weight_matrices_at_the_scaled_paper_lr():
+    from train.config import load_config
+    from train.optim import build_optimizer
+    cfg = load_config(CONFIGS / "ccmim_vit_b16.yaml", [])
+    method = _method()
+    opt = build_optimizer(method, cfg, 4096)
+    assert type(opt).__name__ == "AdamW" and opt.param_groups[0]["betas"] == (0.9, 0.95)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.5e-4 * 4096 / 256)
+    named = {id(p): n for n, p in method.named_parameters()}
+    decayed = {named[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    exempt = {named[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"backbone.vit.cls_token", "decoder.mask_token", "backbone.vit.norm.weight", "decoder.pred.bias",
+            "projector.1.weight"} <= exempt
+    assert {"backbone.vit.blocks.0.attn.qkv.weight", "backbone.vit.patch_embed.proj.weight", "decoder.embed.weight",
+            "projector.0.weight"} <= decayed
+    assert all(named[id(p)].endswith("weight") and p.ndim >= 2 for g in opt.param_groups
+               if g["weight_decay"] for p in g["params"])
+    assert "backbone.vit.pos_embed" not in decayed | exempt                # frozen: not optimised at all
+    assert method.sync_bn is False
