@@ -1,9 +1,9 @@
 """ccMIM on a tiny timm ViT with random weights (nothing is downloaded): the attention-guided mask
 against attention written out by hand from the qkv weights, MAE's reconstruction loss and
 patch layout on constructed cases, the alignment loss against a direct loop and against a
-hand-written encoder pass, the cross-rank key gather on two gloo ranks, the ccmim recipe on both
-loader backends against PIL's bicubic resize, and runs through train/pretrain.py: resume, and the
-export loaded into timm."""
+hand-written encoder pass, the cross-rank key gather on two gloo ranks, AdamW's groups, the noise
+generator, the ccmim recipe on both loader backends against PIL's bicubic resize, and runs through
+train/pretrain.py: resume on both backends, the export loaded into timm, two torchrun ranks."""
 from __future__ import annotations
 
 import io
