@@ -8,7 +8,8 @@ reused, so data loading is not in the figure), then times the trainer's own
 over the methods for several rounds so machine load hits all alike. One torch thread;
 ratios use process CPU time (wall time is recorded too).
 Writes bench/results/methods.json (median seconds a step, ratios to MoCo v2, and the
-ratio one would expect from counting backbone passes)."""
+ratio one would expect from counting backbone passes; the bytes autograd keeps a step; and
+ccMIM's masking ablation: attention-guided over random masking, the cost of its extra no-grad pass)."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,8 @@ METHODS = {
     "detco": ("detco_small_cpu", []),
     "detco_no_cglc": ("detco_small_cpu", ["model.cglc=false", "data.options.grid=0"]),
     "detco_no_hic": ("detco_small_cpu", ["model.hic=false"]),
+    "ccmim": ("ccmim_small_cpu", []),
+    "ccmim_random": ("ccmim_small_cpu", ["model.masking=random"]),
 }
 # Backbone work a step, counting forward = 1 and backward = 2 per view:
 # MoCo v2 / MaskCo: query fwd+bwd (3) + key fwd (1) = 4; DetCon-B: 2 x 3 + 2 target fwd = 8;
@@ -48,7 +51,47 @@ METHODS = {
 # again 3 (query) + 1 (key): 4 + 4 x 0.71 = 6.85, i.e. 1.71x (heads on res2..res4 not counted).
 DETCO_PATCH_SHARE = 9 * (round(64 * 64 / 224) / 64) ** 2
 EXPECTED = {"mocov2": 1.0, "detcon_b": 2.0, "detcon_s": 1.5, "maskco": 1.0, "maskco_in": 1.0,
-            "detco": 1 + DETCO_PATCH_SHARE, "detco_no_cglc": 1.0, "detco_no_hic": 1 + DETCO_PATCH_SHARE}
+            "detco": 1 + DETCO_PATCH_SHARE, "detco_no_cglc": 1.0, "detco_no_hic": 1 + DETCO_PATCH_SHARE,
+            "ccmim": None, "ccmim_random": None}   # a ViT: no backbone-pass count against a ResNet
+
+
+def ccmim_expected_ratio(cfg: dict) -> float:
+    """ccMIM attention / random masking step cost by counting multiply-adds of the Transformer
+    blocks: a block on N tokens of width D costs N (12 D^2 + 2 N D) (qkv, projection, MLP x4;
+    scores and weighted sum), a backward twice its forward. Random: encoder fwd+bwd on CLS + K
+    visible, fwd on CLS + (L-K) masked (no gradient), decoder fwd+bwd on 1 + L. Attention adds
+    one encoder fwd on 1 + L (the importance pass)."""
+    m = cfg["model"]
+    o = m["backbone_options"]
+    L = (o.get("img_size", 224) // o.get("patch_size", 16)) ** 2
+    K = int(L * (1 - m["mask_ratio"]))
+
+    def blocks(n: int, depth: int, d: int) -> float:
+        return depth * n * (12 * d * d + 2 * n * d)
+
+    def enc(n: int) -> float:
+        return blocks(n, o.get("depth", 12), o.get("embed_dim", 768))
+
+    random = 3 * enc(1 + K) + enc(1 + L - K) + 3 * blocks(1 + L, m["decoder_depth"], m["decoder_dim"])
+    return (random + enc(1 + L)) / random
+
+
+def autograd_saved_bytes(setup) -> int:
+    """Bytes of the tensors autograd keeps for backward in one training step (distinct storages):
+    the activation memory that sets the peak; a no-grad pass adds only transient buffers."""
+    from train.pretrain import train_step
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_step(setup.method, setup.method, setup.optimizer, setup.scheduler, setup.scaler, setup.batches[0],
+                   None, setup.step, setup.total)
+    setup.step += 1
+    return sum(seen.values())
 
 
 class Setup:
@@ -60,8 +103,9 @@ class Setup:
         from train.optim import build_optimizer, build_scheduler
         from train.methods import build_method
         config, extra = METHODS[name]
+        vit = [f"model.backbone_options.img_size={image_size}"] if name.startswith("ccmim") else []  # ViT grid = view
         self.cfg = load_config(CONFIGS / f"{config}.yaml", [
-            f"data.shards={shards}", f"data.batch_size={batch}", f"data.image_size={image_size}", *extra])
+            f"data.shards={shards}", f"data.batch_size={batch}", f"data.image_size={image_size}", *vit, *extra])
         torch.manual_seed(0)
         module, self.method = build_method(self.cfg)
         self.method.train()
@@ -129,6 +173,13 @@ def main(argv=None) -> int:
     median_wall = {name: statistics.median(w for w, _ in t) for name, t in runs.items()}
     ratios = {name: median[name] / median[BASELINE] for name in names}
     ratios_wall = {name: median_wall[name] / median_wall[BASELINE] for name in names}
+    saved_mb = {name: autograd_saved_bytes(setups[name]) / 2 ** 20 for name in names}
+    ccmim = {}
+    if {"ccmim", "ccmim_random"} <= set(names):   # the masking ablation: the extra no-grad pass
+        ccmim = {"attention_over_random": median["ccmim"] / median["ccmim_random"],
+                 "attention_over_random_wall": median_wall["ccmim"] / median_wall["ccmim_random"],
+                 "expected_from_block_flops": ccmim_expected_ratio(setups["ccmim"].cfg),
+                 "autograd_saved_mb_attention_over_random": saved_mb["ccmim"] / saved_mb["ccmim_random"]}
     report = {"bench": "methods", "what": __doc__.split("\n\n")[0].replace("\n", " "),
               "unit": "CPU seconds per training step (forward, backward, optimiser, EMA), median over "
                       "steps; *_wall: the same in wall-clock seconds",
@@ -138,14 +189,20 @@ def main(argv=None) -> int:
               "median_step_s": median, "ratio_to_mocov2": ratios,
               "median_step_s_wall": median_wall, "ratio_to_mocov2_wall": ratios_wall,
               "expected_ratio_from_backbone_passes": {n: EXPECTED[n] for n in names},
+              "autograd_saved_mb": saved_mb, "ccmim_masking": ccmim,
               "trainable_params": {n: s.params for n, s in setups.items()},
               "configs": {n: METHODS[n][0] + (" " + " ".join(METHODS[n][1]) if METHODS[n][1] else "")
                           for n in names},
               "runs": runs}
     atomic_write_text(a.out, json.dumps(report, indent=1))
     for name in names:
+        expected = "a ViT" if EXPECTED[name] is None else f"backbone-pass count predicts {EXPECTED[name]:.1f}x"
         print(f"[bench-methods] {name}: {1000 * median[name]:.0f} CPU-ms/step = {ratios[name]:.2f}x MoCo v2 "
-              f"(backbone-pass count predicts {EXPECTED[name]:.1f}x)")
+              f"({expected}); autograd keeps {saved_mb[name]:.1f} MB")
+    if ccmim:
+        print(f"[bench-methods] ccMIM attention masking = {ccmim['attention_over_random']:.2f}x random masking a step "
+              f"(block multiply-adds predict {ccmim['expected_from_block_flops']:.2f}x); autograd memory "
+              f"{ccmim['autograd_saved_mb_attention_over_random']:.2f}x")
     print(f"[bench-methods] wrote {a.out}")
     return 0
 
