@@ -141,7 +141,8 @@ def iterate(recipe: Recipe, source: ShardSource, batches, epoch: int, seed: int,
     for batch, items, error in DataLoader(_Batches(recipe, source, batches, epoch, seed, workers,
                                                    remaining),
                                           batch_size=None, num_workers=workers,
-                                          persistent_workers=False):
+                                          persistent_workers=False,
+                                          generator=torch.Generator()):  # never draws from the global RNG
         for key, reason in items:
             bad.record(key, ShardReadError(reason))
         if error is not None:
