@@ -92,6 +92,10 @@ class OnlineEval(Callback):
         shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "seconds")
         ctx.metrics.say(f"[eval] step {ctx.step}: {shown} ({values['seconds']:.1f}s)")
 
+    def on_train_start(self, ctx: TrainContext) -> None:
+        if ctx.is_main:  # read (and check) the labelled shards now, not after hours of training
+            self._sets()
+
     def on_step_end(self, ctx: TrainContext) -> None:
         if self.every > 0 and ctx.step % self.every == 0:
             self._run(ctx)
