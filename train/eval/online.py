@@ -62,7 +62,7 @@ class OnlineEval(Callback):
         if self.target:
             try:
                 nets["_target"] = method.export_modules(target=True)["backbone"]
-            except NotImplementedError:
+            except (NotImplementedError, ValueError):  # no target branch (DetCon-S raises ValueError today)
                 pass
         return nets
 
