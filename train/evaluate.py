@@ -194,7 +194,7 @@ def table(summary: dict, levels=None) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder (work/pretrain/<name>) or its name under WORK_DIR/pretrain")
@@ -214,6 +214,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--name", help="output name (default: the run folder's name)")
     p.add_argument("--out", help="output folder (default WORK_DIR/eval/<name>)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     from train.eval.data import EvalDataError
     try:
