@@ -31,8 +31,8 @@ from common.paths import shards_dir, work_dir
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "learn.json"
 CONFIGS = ROOT / "train" / "configs"
-METHODS = {"soco": "soco_small_cpu", "detcon_b": "detcon_b_small_cpu", "detcon_s": "detcon_s_small_cpu",
-           "maskco": "maskco_small_cpu", "mocov2": "mocov2_small_cpu"}
+METHODS = {"mocov2": "mocov2_small_cpu", "detcon_s": "detcon_s_small_cpu", "detcon_b": "detcon_b_small_cpu",
+           "maskco": "maskco_small_cpu", "soco": "soco_small_cpu"}
 BASELINE = "mocov2"
 TARGET = 0.10
 
@@ -99,9 +99,17 @@ def main(argv=None) -> int:
             row["ln_k_plus_1"] = math.log(k + 1)
             row["loss_below_ln_k_plus_1"] = row["ln_k_plus_1"] - row["final_loss"]
         rows[name] = row
+        _write(a, train_shards, test_shards, rows, t_start)   # partial results survive a cut
         print(f"[bench-learn] {name}: object kNN {a.target_level} pretrained - random {obj['diff']:+.3f} "
               f"[{obj['lo']:+.3f}, {obj['hi']:+.3f}] ({'met' if row['target']['met'] else 'NOT met'}), "
               f"{run['steps']} steps, {run['wall_s']:.0f}s wall, {run['cpu_s']:.0f} CPU-s", file=sys.stderr, flush=True)
+    _write(a, train_shards, test_shards, rows, t_start)
+    met = sum(r["target"]["met"] for r in rows.values())
+    print(f"[bench-learn] done: target met by {met}/{len(rows)} method(s); {a.out}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _write(a, train_shards, test_shards, rows: dict, t_start: float) -> None:
     if BASELINE in rows:
         for r in rows.values():
             r["cpu_ratio_to_mocov2"] = r["cpu_s"] / rows[BASELINE]["cpu_s"]
@@ -111,9 +119,6 @@ def main(argv=None) -> int:
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                             load_avg_start=os.getloadavg()), seconds=time.perf_counter() - t_start, methods=rows)
     atomic_write_text(Path(a.out), json.dumps(doc, indent=1) + "\n")
-    met = sum(r["target"]["met"] for r in rows.values())
-    print(f"[bench-learn] done: target met by {met}/{len(rows)} method(s); {a.out}", file=sys.stderr, flush=True)
-    return 0
 
 
 if __name__ == "__main__":
