@@ -39,7 +39,7 @@ demo: setup
 	$(MAKE) report DATASETS=sample NAME=demo
 	$(MAKE) eval RUN=$(WORK_DIR)/pretrain/$(basename $(notdir $(PRETRAIN_CONFIG))) EVAL_DATASET=sample \
 	  EVAL_ARGS="--levels res4 res5 $(EVAL_ARGS)"
-DEMO_STEPS ?= 60
+DEMO_STEPS ?= 20
 
 # SAMPLE_ARGS e.g. "--scene 200 --object 50 --seed 1"
 sample: setup
