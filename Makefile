@@ -17,7 +17,7 @@ BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt | sha1sum | cut
 
 .PHONY: setup setup-bench test demo sample proposals shards verify stats report pretrain \
         bench bench-preprocess bench-shards bench-stats bench-report bench-loader bench-train bench-methods clean \
-        gpu-check
+        gpu-check eval bench-learn
 
 setup: $(REQ_STAMP)
 $(REQ_STAMP): requirements.txt
@@ -38,8 +38,11 @@ demo: setup
 	$(MAKE) proposals DATASET=sample
 	$(MAKE) shards DATASET=sample
 	$(MAKE) verify DATASET=sample
-	$(MAKE) pretrain DATASET=sample
+	$(MAKE) pretrain DATASET=sample PRETRAIN_ARGS="train.steps=$(DEMO_STEPS) $(PRETRAIN_ARGS)"
 	$(MAKE) report DATASETS=sample NAME=demo
+	$(MAKE) eval RUN=$(WORK_DIR)/pretrain/$(basename $(notdir $(PRETRAIN_CONFIG))) EVAL_DATASET=sample \
+	  EVAL_ARGS="--levels res4 res5 $(EVAL_ARGS)"
+DEMO_STEPS ?= 20
 
 # SAMPLE_ARGS e.g. "--scene 200 --object 50 --seed 1"
 sample: setup
@@ -82,6 +85,30 @@ pretrain: setup
 	$(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC),$(PY)) \
 	  train/pretrain.py --config $(call q,$(PRETRAIN_CONFIG)) $(call q,data.shards=$(WORK_DIR)/$(DATASET)/shards) \
 	  $(call q,train.out=$(WORK_DIR)/pretrain/$(basename $(notdir $(PRETRAIN_CONFIG)))) $(PRETRAIN_ARGS)
+
+# Probes of a run against random init (issue 11): kNN + linear, image + object level, every
+# level, 95% bootstrap CIs -> $(WORK_DIR)/eval/<name>/{summary.json,index.html}.
+# EVAL_DATASET=sample evaluates on $(WORK_DIR)/sample/shards (split by key); EVAL_ARGS e.g.
+# "--train A/shards --test B/shards", "--checkpoint --target", "--levels res4 res5".
+eval: setup
+	@test -n "$(RUN)" || { echo "make eval: set RUN=work/pretrain/<name> (a run folder of make pretrain)" >&2; exit 2; }
+	$(PY) -m train.evaluate "$(RUN)" $(if $(EVAL_DATASET),--dataset $(EVAL_DATASET)) $(EVAL_ARGS)
+
+# Does every small recipe learn? (issue 11) Builds a 256-image training sample (seed 0) and a
+# 128-image test sample (seed 1) under $(WORK_DIR) once, pretrains each method, probes it
+# against random init -> bench/results/learn.json. Long (~15-20 min on 2 idle cores).
+LEARN_TRAIN_ARGS ?= --scene 192 --object 64 --seed 0
+LEARN_TEST_ARGS ?= --scene 96 --object 32 --seed 1
+bench-learn: setup
+	@for spec in "sample_learn|$(LEARN_TRAIN_ARGS)" "sample_eval|$(LEARN_TEST_ARGS)"; do \
+	  name=$${spec%%|*}; args=$${spec#*|}; \
+	  test -f $(WORK_DIR)/$$name/shards/manifest.json && continue; \
+	  $(PY) -m preprocess.sample --out $(WORK_DIR)/$$name/raw $$args && \
+	  $(PY) -m preprocess.job --dataset sample --root $(WORK_DIR)/$$name/raw --name $$name && \
+	  $(PY) -m shards.write --dataset $$name || exit 1; \
+	done
+	$(PY) -m bench.learn --train-shards $(WORK_DIR)/sample_learn/shards \
+	  --test-shards $(WORK_DIR)/sample_eval/shards $(BENCH_LEARN_ARGS)
 
 bench: bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods
 

@@ -1,0 +1,96 @@
+"""Frozen features of a backbone, in batches, at every feature level.
+
+Image level: the global average of each feature map. Object level: RoIAlign
+(torchvision.ops.roi_align, aligned=True, `OUTPUT_SIZE` bins of `SAMPLING` samples each)
+of each map over the ground-truth boxes, averaged over its bins, so a box's feature is
+the mean of the map over the box. Level names follow the backbone's `feature_info`
+("res2".."res5" for a ResNet) plus the aliases "C4" = res4 and "C5" = res5.
+
+The network runs in eval mode under torch.no_grad, with bf16 autocast on CUDA (fp32 on
+CPU); features come back as float32 CPU tensors."""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from train.eval.data import LabelledSet, to_tensor_batch
+
+ALIASES = {"C2": "res2", "C3": "res3", "C4": "res4", "C5": "res5"}
+OUTPUT_SIZE = 7
+SAMPLING = 2
+
+
+def resolve_levels(backbone: nn.Module, levels) -> dict[str, str]:
+    """{asked name: feature name}; an unknown level is one clear error naming the choices."""
+    names = [f["name"] for f in backbone.feature_info]
+    out = {}
+    for lv in levels:
+        real = ALIASES.get(lv, lv)
+        if real not in names:
+            raise ValueError(f"unknown feature level {lv!r}: this backbone has {names} "
+                             f"(and aliases {sorted(k for k, v in ALIASES.items() if v in names)}); "
+                             "set eval.levels / --levels")
+        out[lv] = real
+    return out
+
+
+def strides(backbone: nn.Module) -> dict[str, int]:
+    return {f["name"]: int(f["stride"]) for f in backbone.feature_info}
+
+
+def box_features(fmap: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor, stride: int,
+                 output_size: int = OUTPUT_SIZE, sampling: int = SAMPLING) -> torch.Tensor:
+    """[M, C]: the RoIAlign of `fmap` [B,C,H,W] over boxes [M,4] (x1y1x2y2 input pixels,
+    image `batch_index`), averaged over its output bins."""
+    if len(boxes) == 0:
+        return fmap.new_zeros((0, fmap.shape[1]))
+    rois = torch.cat([batch_index.to(fmap.dtype)[:, None], boxes.to(fmap.dtype)], 1)
+    pooled = roi_align(fmap, rois, output_size=output_size, spatial_scale=1.0 / stride,
+                       sampling_ratio=sampling, aligned=True)
+    return pooled.mean((2, 3))
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def extract(backbone: nn.Module, data: LabelledSet, levels, batch_size: int = 64,
+            device: torch.device | str = "cpu") -> dict:
+    """{"image": {level: [N,C]}, "object": {level: [M,C]}} float32 CPU tensors.
+
+    The backbone's train/eval mode is restored afterwards."""
+    device = torch.device(device)
+    names = resolve_levels(backbone, levels)
+    stride = strides(backbone)
+    was_training = backbone.training
+    backbone.eval()
+    image = {lv: [] for lv in names}
+    obj = {lv: [] for lv in names}
+    boxes = torch.from_numpy(data.boxes)
+    order = []   # box indices in the order they are computed (batch by batch)
+    try:
+        for start in range(0, len(data.keys), batch_size):
+            stop = min(start + batch_size, len(data.keys))
+            x = to_tensor_batch(data.images[start:stop]).to(device)
+            sel = np.flatnonzero((data.box_image >= start) & (data.box_image < stop))
+            b = boxes[sel].to(device)
+            bi = torch.from_numpy(data.box_image[sel] - start).to(device)
+            order.append(sel)
+            with _autocast(device):
+                maps = backbone.forward_features(x)
+            for lv, real in names.items():
+                fmap = maps[real].float()
+                image[lv].append(fmap.mean((2, 3)).cpu())
+                obj[lv].append(box_features(fmap, b, bi, stride[real]).cpu())
+    finally:
+        backbone.train(was_training)
+    back = torch.from_numpy(np.argsort(np.concatenate(order))) if order else torch.zeros(0, dtype=torch.long)
+    return {"image": {lv: torch.cat(v) for lv, v in image.items()},
+            "object": {lv: torch.cat(v)[back] for lv, v in obj.items()}}   # in data.boxes order

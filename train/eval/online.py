@@ -1,0 +1,104 @@
+"""Online evaluation while pretraining: the object-crop kNN of the backbone every
+`eval.every` steps and at the end, as a trainer callback (train/callbacks.py).
+
+Config (section `eval`, docs/interfaces.md "Session 10 contracts"): `every`, `train`
+(labelled shards: the kNN memory bank; null = data.shards), `test` (null = a split of
+`train` by key, `test_fraction`), `k`, `temperature`, `levels` (default [res5]),
+`target` (also the momentum/EMA branch when the method has one), `max_samples`,
+`image_size` (null = data.image_size or 224), `batch_size`.
+
+Runs on rank 0 only (the other ranks go on; they never wait for it). Each evaluation
+records `{"event": "eval", "step", "knn_object_<level>"[, "knn_object_<level>_target"],
+"seconds"}` through ctx.metrics.record (metrics.jsonl and TensorBoard `eval/...`). The
+networks go back to their train/eval mode afterwards and no global RNG is consumed, so a
+run with online eval trains exactly as one without."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from train.callbacks import Callback, TrainContext
+from train.eval import knn
+from train.eval.data import load_labelled, split_by_key
+from train.eval.features import extract, resolve_levels
+
+
+class OnlineEval(Callback):
+    def __init__(self, cfg: dict):
+        ev = cfg.get("eval") or {}
+        data = cfg.get("data") or {}
+        self.every = int(ev.get("every") or 0)
+        self.train_dir = ev.get("train") or data.get("shards")
+        self.test_dir = ev.get("test")
+        self.test_fraction = float(ev.get("test_fraction") or 0.5)
+        self.k = int(ev.get("k") or knn.K)
+        self.temperature = float(ev.get("temperature") or knn.TEMPERATURE)
+        self.levels = list(ev.get("levels") or ["res5"])
+        self.target = bool(ev.get("target", True))
+        self.max_samples = ev.get("max_samples")
+        self.image_size = int(ev.get("image_size") or data.get("image_size") or 224)
+        self.batch_size = int(ev.get("batch_size") or 64)
+        self._data = None
+        self._last = -1
+
+    def _sets(self):
+        if self._data is None:
+            train = load_labelled(self.train_dir, self.image_size, self.max_samples)
+            if self.test_dir:
+                test = load_labelled(self.test_dir, self.image_size, self.max_samples)
+            else:
+                train, test = split_by_key(train, self.test_fraction)
+            if len(train.box_labels) == 0 or len(test.box_labels) == 0:
+                from train.eval.data import EvalDataError
+                raise EvalDataError(f"online eval: {self.train_dir} has no ground-truth boxes on one side "
+                                    "of the split; point eval.train/eval.test at shards with objects "
+                                    "(the built-in sample, COCO with instances)")
+            self._data = (train, test)
+        return self._data
+
+    def _branches(self, method) -> dict:
+        nets = {"": method.export_modules()["backbone"]}
+        if self.target:
+            try:
+                nets["_target"] = method.export_modules(target=True)["backbone"]
+            except (NotImplementedError, ValueError):  # no target branch (DetCon-S raises ValueError today)
+                pass
+        return nets
+
+    def evaluate(self, ctx: TrainContext) -> dict:
+        t0 = time.perf_counter()
+        train, test = self._sets()
+        values = {}
+        ytr, yte = torch.from_numpy(train.box_labels), torch.from_numpy(test.box_labels)
+        device = ctx.info.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for suffix, net in self._branches(ctx.method).items():
+                resolve_levels(net, self.levels)
+                ftr = extract(net, train, self.levels, self.batch_size, device)["object"]
+                fte = extract(net, test, self.levels, self.batch_size, device)["object"]
+                for lv in self.levels:
+                    pred = knn.knn_predict(ftr[lv], ytr, fte[lv], self.k, self.temperature)
+                    values[f"knn_object_{lv}{suffix}"] = float((pred == yte).double().mean())
+        values["seconds"] = time.perf_counter() - t0
+        return values
+
+    def _run(self, ctx: TrainContext) -> None:
+        if not ctx.is_main or ctx.step == self._last:
+            return
+        self._last = ctx.step
+        values = self.evaluate(ctx)
+        ctx.metrics.record(ctx.step, "eval", **values)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "seconds")
+        ctx.metrics.say(f"[eval] step {ctx.step}: {shown} ({values['seconds']:.1f}s)")
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        if ctx.is_main:  # read (and check) the labelled shards now, not after hours of training
+            self._sets()
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        if self.every > 0 and ctx.step % self.every == 0:
+            self._run(ctx)
+
+    def on_train_end(self, ctx: TrainContext) -> None:
+        self._run(ctx)
