@@ -78,6 +78,9 @@ def test_method_trains_checkpoints_resumes_and_exports(name, sample_shards, tmp_
     exported = torch.load(tmp_path / "straight" / "exported" / "backbone_torchvision.pth", weights_only=True)
     build_backbone("resnet18", width=16).load_state_dict(exported, strict=True)
     assert all(torch.equal(exported[k], final[k]) for k in exported)
+    # ... with the detectron2 config that fine-tunes exactly these weights beside the pkl
+    d2 = (tmp_path / "straight" / "exported" / "detectron2_config.yaml").read_text()
+    assert "detectron2.pkl" in d2 and "STRIDE_IN_1X1: false" in d2
     # ... or, from the checkpoint, the EMA/momentum one (DetCon-S has none and says so)
     cli = ["--checkpoint", str(tmp_path / "straight" / "checkpoints" / "last.pt"), "--target",
            "--out", str(tmp_path / "target")]

@@ -110,9 +110,11 @@ WRITERS = {"torchvision": _write_torchvision, "detectron2": _write_detectron2, "
 
 
 def export_method(method, out_dir: str | Path, target: bool = False,
-                  formats: list[str] | None = None) -> dict[str, Path]:
+                  formats: list[str] | None = None, cfg: dict | None = None) -> dict[str, Path]:
     """Write `formats` (default: every format of the backbone's family) for a method's online
-    (or EMA target) network; {format: path}."""
+    (or EMA target) network; {format: path}. With the run's `cfg`, a detectron2 export also
+    gets `detectron2_config.yaml` beside the pkl (train/detectron2_config.py): the config that
+    fine-tunes exactly these weights."""
     out_dir = Path(out_dir)
     modules = method.export_modules(target=target) if target else method.export_modules()
     backbone = modules["backbone"]
@@ -125,7 +127,11 @@ def export_method(method, out_dir: str | Path, target: bool = False,
             raise ExportError(f"a {getattr(backbone, 'family', type(backbone).__name__)} backbone cannot be "
                               f"exported as {fmt!r}: it supports {', '.join(supported) or 'nothing'} "
                               f"(set export.formats to a subset of those, or null for all)")
-    return {fmt: WRITERS[fmt](modules, out_dir) for fmt in formats}
+    paths = {fmt: WRITERS[fmt](modules, out_dir) for fmt in formats}
+    if cfg is not None and "detectron2" in paths:
+        from train.detectron2_config import write_detectron2_config
+        paths["detectron2_config"] = write_detectron2_config(cfg, modules, out_dir)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     method.load_state_dict(checkpoint.load(ckpt)["model"])
     formats = args.formats.split(",") if args.formats else cfg["export"]["formats"]
     paths = export_method(method, Path(args.out) if args.out else ckpt.parent.parent / "exported", args.target,
-                          formats)
+                          formats, cfg=cfg)
     for kind, p in paths.items():
         print(f"[export] {kind}: {p}", file=sys.stderr)
     return 0

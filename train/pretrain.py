@@ -330,7 +330,7 @@ def train(cfg: dict) -> dict:
     exported = None
     if info.is_main and cfg["export"]["enabled"]:
         from train.export import export_method
-        exported = export_method(method, out / "exported", target=cfg["export"]["target"],
+        exported = export_method(method, out / "exported", target=cfg["export"]["target"], cfg=cfg,
                                  formats=cfg["export"]["formats"])
     if info.is_main:
         metrics.event("end", step=step, dropped_micro_batches=dropped, **summary)
