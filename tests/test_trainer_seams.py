@@ -87,9 +87,10 @@ def test_more_steps_on_resume_follow_the_uninterrupted_longer_run_exactly(sample
     """MoCo v2: its key momentum is constant, so nothing but the lr depends on the total (an EMA
     on a cosine of the total, as SoCo's, would differ during the first 2 steps)."""
     moco = dict(config="mocov2_small_cpu")
-    straight = _run(tmp_path / "straight", sample_shards, "train.steps=5", "optim.min_lr=1e-6", **moco)
-    _run(tmp_path / "extended", sample_shards, "train.steps=2", "optim.min_lr=1e-6", **moco)  # ends in warm-up
-    extended = _run(tmp_path / "extended", sample_shards, "train.steps=5", "optim.min_lr=1e-6", **moco)
+    lr = ("optim.min_lr=1e-6", "optim.base_lr=0.03")
+    straight = _run(tmp_path / "straight", sample_shards, "train.steps=5", *lr, **moco)
+    _run(tmp_path / "extended", sample_shards, "train.steps=2", *lr, **moco)  # ends in warm-up
+    extended = _run(tmp_path / "extended", sample_shards, "train.steps=5", *lr, **moco)
     assert sorted(extended) == [1, 2, 3, 4, 5]
     for step in range(1, 6):
         assert extended[step]["lr"] == pytest.approx(_lr(step - 1, 5, 0.03), rel=1e-9), step
@@ -97,7 +98,7 @@ def test_more_steps_on_resume_follow_the_uninterrupted_longer_run_exactly(sample
 
 
 def test_a_finished_run_extended_with_a_new_base_lr_ramps_from_the_floor_to_the_new_schedule(sample_shards, tmp_path):
-    _run(tmp_path, sample_shards, "train.steps=3")                           # ends at the cosine floor
+    _run(tmp_path, sample_shards, "train.steps=3", "optim.base_lr=1.0")      # ends at the cosine floor
     assert _lr(3, 3, 1.0) == pytest.approx(1e-6)
     resumed = _run(tmp_path, sample_shards, "train.steps=6", "optim.base_lr=2.0")
     # no jump: step 4 starts at the checkpoint's lr, the ramp (the 2 warm-up steps) reaches the new
