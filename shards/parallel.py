@@ -112,11 +112,12 @@ def _chunk_meta(chunks: Path, c: int) -> list[dict]:
 
 
 def write_one_shard(spill: str, order: list[int], start: int, end: int, name: str, out: str,
-                    rows_dir: str, chunks: str) -> dict:
-    """Phase 3: shard `name` from order positions [start, end) (`order`: their table rows)."""
+                    rows_dir: str, chunks: str, chunk: int) -> dict:
+    """Phase 3: shard `name` from order positions [start, end) (`order`: their table rows),
+    reading the chunks of `chunk` samples that hold them."""
     table, out, chunks = _table(spill), Path(out), Path(chunks)
     metas: dict[int, dict] = {}
-    for c in range(start // CHUNK, (end - 1) // CHUNK + 1):
+    for c in range(start // chunk, (end - 1) // chunk + 1):
         metas.update((m["pos"], m) for m in _chunk_meta(chunks, c))
     rows, failures, idx_lines, size = [], [], [], 0
     digest = hashlib.sha256()
@@ -128,7 +129,7 @@ def write_one_shard(spill: str, order: list[int], start: int, end: int, name: st
                 if m["error"]:
                     failures.append(index_row(row, status="failed", error=m["error"]))
                     continue
-                c = pos // CHUNK
+                c = pos // chunk
                 if c not in files:
                     files[c] = open(chunks / f"chunk-{c:06d}.bin", "rb")
                 files[c].seek(m["offset"])
@@ -191,9 +192,9 @@ def _results(refs: list, on_result) -> None:
 class RayWriter(Writer):
     """Writer whose samples are built and whose shards are written by Ray tasks."""
 
-    def __init__(self, *args, cpus: int = 1, **kw):
+    def __init__(self, *args, cpus: int = 1, chunk: int = CHUNK, **kw):
         super().__init__(*args, **kw)
-        self.cpus = cpus
+        self.cpus, self.chunk = cpus, chunk
 
     def _submit_bounded(self, calls, on_result) -> None:
         """Submit (function, args) calls with at most IN_FLIGHT per CPU outstanding."""
@@ -212,7 +213,8 @@ class RayWriter(Writer):
         chunks = self.rows_dir / CHUNKS_DIR
         chunks.mkdir(parents=True, exist_ok=True)
         spill, n = str(self.spill), len(self.order)
-        n_chunks = -(-n // CHUNK)
+        size = self.chunk
+        n_chunks = -(-n // size)
         sizes: list[int | None] = [None] * n
         progress = Progress(f"shards {self.dataset}", n, unit="img")
         builder = ray.remote(num_cpus=1)(_safe(build_chunk))
@@ -225,11 +227,11 @@ class RayWriter(Writer):
         def build_calls():
             for c in range(n_chunks):
                 path = chunks / f"chunk-{c:06d}"
-                first = c * CHUNK
+                first = c * size
                 if path.with_suffix(".arrow").is_file() and path.with_suffix(".bin").is_file():
                     built((first, [-1 if m["error"] else m["size"] for m in _chunk_meta(chunks, c)]))
                     continue
-                yield builder, (spill, self.order[first:first + CHUNK], first, str(path),
+                yield builder, (spill, self.order[first:first + size], first, str(path),
                                                     str(self.root), asdict(self.params), self.dataset)
 
         self._submit_bounded(build_calls(), built)
@@ -245,12 +247,12 @@ class RayWriter(Writer):
                     self.skipped += 1
                     continue
                 yield writer, (spill, self.order[start:end], start, end, name, str(self.out),
-                               str(self.rows_dir), str(chunks))
+                               str(self.rows_dir), str(chunks), size)
 
         self._submit_bounded(write_calls(), lambda record: None)
         shards = [self._record(name) for name in names]
         tail = [index_row(self.row(self.order[p]), status="failed", error=m["error"])
-                for c in range(tail_start // CHUNK, n_chunks) for m in _chunk_meta(chunks, c)
+                for c in range(tail_start // size, n_chunks) for m in _chunk_meta(chunks, c)
                 if m["pos"] >= tail_start]
         manifest = self.finish(shards, tail, progress)
         shutil.rmtree(chunks, ignore_errors=True)
@@ -270,13 +272,13 @@ class RayWriter(Writer):
 
 
 def write_shards_on_ray(dataset: str, params: PackParams, pdir: Path, out: Path, root, overwrite: bool,
-                        num_cpus: int | None) -> dict:
+                        num_cpus: int | None, chunk: int = CHUNK) -> dict:
     """RayWriter.run on RAY_ADDRESS's cluster or a local Ray of `num_cpus` CPUs."""
     import ray
     from preprocess.job import start_ray
     started, cpus = start_ray(num_cpus)
     try:
-        return RayWriter(dataset, pdir, out, params, root, cpus=cpus).run(overwrite)
+        return RayWriter(dataset, pdir, out, params, root, cpus=cpus, chunk=chunk).run(overwrite)
     finally:
         if started:
             ray.shutdown()
