@@ -17,6 +17,7 @@ import hashlib
 import heapq
 import json
 import shutil
+from collections import namedtuple
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +33,13 @@ PART_FILE = "part-{:05d}.arrow"
 SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("relpath", pa.string()),
                     ("label", pa.int64()), ("gt", pa.string()), ("gt_w", pa.int64()),
                     ("gt_h", pa.int64()), ("error", pa.string())])
+
+
+Listed = namedtuple("Listed", SCHEMA.names)  # a record as stored (gt as JSON text): the merge's unit
+
+
+def _listed_table(rows: list[Listed]) -> pa.Table:
+    return pa.table({name: [r[i] for r in rows] for i, name in enumerate(SCHEMA.names)}, schema=SCHEMA)
 
 
 def _table(records: list[ImageRecord]) -> pa.Table:
@@ -57,7 +65,7 @@ def _write(path: Path, records: list[ImageRecord], what: str) -> None:
             w.write_table(_table(records[i:i + READ_BATCH]))
 
 
-def _sort_key(r: ImageRecord):
+def _sort_key(r):  # ImageRecord or Listed
     return r.key, r.relpath
 
 
@@ -87,7 +95,22 @@ def _read_run(path: Path) -> Iterator[ImageRecord]:
             yield from _records(reader.get_batch(i))
 
 
-def image_list_hash_update(h, record: ImageRecord) -> None:
+def _read_listed(path: Path) -> Iterator[Listed]:
+    """A run's rows as stored, no JSON decoded (the merge only compares and copies them)."""
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            yield from map(Listed._make, zip(*(c.to_pylist() for c in batch.columns)))
+
+
+def _write_listed(path: Path, rows: list[Listed]) -> None:
+    with atomic_open(path, "a listing part") as f, pa.ipc.new_file(f, SCHEMA) as w:
+        for i in range(0, len(rows), READ_BATCH):
+            w.write_table(_listed_table(rows[i:i + READ_BATCH]))
+
+
+def image_list_hash_update(h, record) -> None:
     h.update(f"{record.key}\t{record.relpath}\n".encode("utf-8"))
 
 
@@ -97,7 +120,7 @@ def merge_runs(listing_dir: str, part_size: int, limit: int | None = None) -> di
     listing = Path(listing_dir)
     runs = sorted((listing / "runs").glob("run-*.arrow"))
     counts, h, n, part, previous = Counts(), hashlib.sha256(), 0, [], None
-    for record in heapq.merge(*map(_read_run, runs), key=_sort_key):
+    for record in heapq.merge(*map(_read_listed, runs), key=_sort_key):
         if limit and n >= limit:
             break
         if not check_unique(previous, record, counts):
@@ -107,10 +130,10 @@ def merge_runs(listing_dir: str, part_size: int, limit: int | None = None) -> di
         part.append(record)
         n += 1
         if len(part) == part_size:
-            _write(listing / PART_FILE.format((n - 1) // part_size), part, "a listing part")
+            _write_listed(listing / PART_FILE.format((n - 1) // part_size), part)
             part = []
     if part:
-        _write(listing / PART_FILE.format((n - 1) // part_size), part, "a listing part")
+        _write_listed(listing / PART_FILE.format((n - 1) // part_size), part)
     shutil.rmtree(listing / "runs", ignore_errors=True)
     return {"num_images": n, "num_parts": -(-n // part_size), "image_list_sha256": h.hexdigest(),
             "counts": dict(counts)}
