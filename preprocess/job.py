@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.io import (atomic_open, atomic_write_text, exclusive, remove_stale_temporaries,
@@ -230,11 +231,17 @@ def _fragments(out: Path, part: int) -> Path:
 
 
 def _fragment_rows(folder: Path) -> dict[str, dict]:
+    """The rows of a part's fragments. A fragment gone meanwhile means another worker, which
+    saw the part complete at the same moment, wrote the part and removed them."""
     rows: dict[str, dict] = {}
     for f in sorted(folder.glob("*.arrow")) if folder.is_dir() else []:
-        with pa.memory_map(str(f)) as source:
-            for row in pa.ipc.open_file(source).read_all().to_pylist():
-                rows.setdefault(row["key"], row)
+        try:
+            with pa.memory_map(str(f)) as source:
+                table = pa.ipc.open_file(source).read_all()
+        except FileNotFoundError:
+            continue
+        for row in table.to_pylist():
+            rows.setdefault(row["key"], row)
     return rows
 
 
@@ -247,14 +254,16 @@ def write_rows(batch: pa.Table, listing_dir: str, out_dir: str, params: dict) ->
     out, summary = Path(out_dir), []
     parts = batch.column(PART_COLUMN).to_pylist()
     for part in sorted(set(parts)):
-        rows = batch.filter(pa.compute.equal(batch.column(PART_COLUMN), part)).to_pylist()
+        rows = batch.filter(pc.equal(batch.column(PART_COLUMN), part)).to_pylist()
         entry = {"part": part, "rows": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
                  "written": False, "error": None}
         try:
             expected = listing.part_keys(listing_dir, part)
             path = out / PART_NAME.format(part)
             folder = _fragments(out, part)
-            if len(rows) == len(expected) and not folder.is_dir():
+            if path.is_file():  # a retried task's rows of a part already written
+                pass
+            elif len(rows) == len(expected) and not folder.is_dir():
                 write_part(path, rows, params)
                 entry["written"] = True
             else:
@@ -266,7 +275,7 @@ def write_rows(batch: pa.Table, listing_dir: str, out_dir: str, params: dict) ->
                         pa.ipc.new_file(f, table.schema) as w:
                     w.write_table(table)
                 have = _fragment_rows(folder)  # listed after our own write: the last writer sees all
-                if set(have) >= set(expected):
+                if set(have) >= set(expected) and not path.is_file():
                     write_part(path, [have[k] for k in expected], params)
                     shutil.rmtree(folder, ignore_errors=True)
                     entry["written"] = True

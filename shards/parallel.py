@@ -10,8 +10,9 @@ closes at a sample count or a byte size), so the work is cut in three:
    `_rows/chunks/chunk-NNNNNN.bin` (the packed samples) and `.arrow` (sizes, offsets,
    CRCs, errors) and returns the sizes.
 2. plan (the driver, sizes only): the shard boundaries, by the same rule as
-   Writer.write_shard.
-3. write (Ray tasks, one a shard): the tar (the chunk bytes at their offsets, the end of
+   Writer.write_shard, decided as chunks come in (Planner).
+3. write (Ray tasks, one a shard, started as soon as its boundaries are known, so
+   writing overlaps building): the tar (the chunk bytes at their offsets, the end of
    archive), the DALI .idx and the shard's index rows, each atomic; a shard whose three
    files are there with the planned start, end and size is kept (resume per shard).
 The driver then merges index.parquet and manifest.json (Writer.finish) and removes the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,28 +84,42 @@ def build_chunk(spill: str, rows: list[int], first: int, chunk: str, root: str, 
     return first, sizes
 
 
+class Planner:
+    """Shard boundaries over the order positions by Writer.write_shard's rule, on sizes
+    (-1 = a failed sample, which never closes a shard and belongs to the one it is in),
+    decided as the sizes arrive: a shard is final once the sample that closes it is known."""
+
+    def __init__(self, params: PackParams):
+        self.params, self.start = params, 0
+
+    def advance(self, sizes: list, known: int) -> list[tuple[int, int]]:
+        """The shards closed by the first `known` sizes (all known: the last one too)."""
+        out, n = [], len(sizes)
+        while True:
+            pos, size, count = self.start, 0, 0
+            while pos < known:
+                if sizes[pos] < 0:
+                    pos += 1
+                    continue
+                grown = size + sizes[pos]
+                if count and (count >= self.params.max_samples
+                              or grown + len(end_of_archive(grown)) > self.params.max_bytes):
+                    break
+                size, count, pos = grown, count + 1, pos + 1
+            if pos < known or (known == n and count):
+                out.append((self.start, pos))
+                self.start = pos
+                if pos < n:
+                    continue
+            return out
+
+
 def plan_shards(sizes: list[int], params: PackParams) -> tuple[list[tuple[int, int]], int]:
-    """[(start, end)] of each shard over the order positions, and where the trailing
-    failures (after the last packable sample) start: Writer.write_shard's rule, on sizes
-    (-1 = a failed sample, which never closes a shard and belongs to the one it is in)."""
-    shards, pos, n = [], 0, len(sizes)
-    while True:
-        start = pos
-        while pos < n and sizes[pos] < 0:
-            pos += 1
-        if pos == n:
-            return shards, start
-        size = count = 0
-        while pos < n:
-            if sizes[pos] < 0:
-                pos += 1
-                continue
-            grown = size + sizes[pos]
-            if count and (count >= params.max_samples
-                          or grown + len(end_of_archive(grown)) > params.max_bytes):
-                break
-            size, count, pos = grown, count + 1, pos + 1
-        shards.append((start, pos))
+    """[(start, end)] of each shard, and where the failures after the last packable sample
+    start (with no packable sample at all: 0, every failure left to the index)."""
+    planner = Planner(params)
+    shards = planner.advance(sizes, len(sizes))
+    return shards, planner.start
 
 
 def _chunk_meta(chunks: Path, c: int) -> list[dict]:
@@ -177,85 +193,78 @@ class TaskError(OSError):
     """A Ray task of make shards failed on a file (a full disk, say); its message."""
 
 
-def _results(refs: list, on_result) -> None:
-    import ray
-    while refs:
-        done, refs = ray.wait(refs, num_returns=1)
-        result = ray.get(done[0])
-        if "error" in result:
-            for r in refs:
-                ray.cancel(r)
-            raise TaskError(result["error"])
-        on_result(result["ok"])
-
-
 class RayWriter(Writer):
     """Writer whose samples are built and whose shards are written by Ray tasks."""
 
     def __init__(self, *args, cpus: int = 1, chunk: int = CHUNK, **kw):
+        start = time.perf_counter()
         super().__init__(*args, **kw)
         self.cpus, self.chunk = cpus, chunk
-
-    def _submit_bounded(self, calls, on_result) -> None:
-        """Submit (function, args) calls with at most IN_FLIGHT per CPU outstanding."""
-        import ray
-        pending, limit = [], IN_FLIGHT * self.cpus
-        for fn, args in calls:
-            pending.append(fn.remote(*args))
-            if len(pending) >= limit:
-                done, pending = ray.wait(pending, num_returns=1)
-                _results(done, on_result)
-        _results(pending, on_result)
+        self.seconds = {"load_parts": time.perf_counter() - start}  # by phase (bench-shards)
 
     def _run(self, overwrite: bool) -> dict:
+        """Build chunks in order; each shard is written as soon as the chunks that close it
+        are built (planning needs only the sizes), so writing overlaps building."""
         import ray
         self.check_plan(overwrite)
         chunks = self.rows_dir / CHUNKS_DIR
         chunks.mkdir(parents=True, exist_ok=True)
-        spill, n = str(self.spill), len(self.order)
-        size = self.chunk
-        n_chunks = -(-n // size)
-        sizes: list[int | None] = [None] * n
+        spill, n, size = str(self.spill), len(self.order), self.chunk
+        sizes: list = [None] * n
         progress = Progress(f"shards {self.dataset}", n, unit="img")
         builder = ray.remote(num_cpus=1)(_safe(build_chunk))
-
-        def built(result):
-            first, got = result
-            sizes[first:first + len(got)] = got
-            progress.update(len(got))
-
-        def build_calls():
-            for c in range(n_chunks):
-                path = chunks / f"chunk-{c:06d}"
-                first = c * size
-                if path.with_suffix(".arrow").is_file() and path.with_suffix(".bin").is_file():
-                    built((first, [-1 if m["error"] else m["size"] for m in _chunk_meta(chunks, c)]))
-                    continue
-                yield builder, (spill, self.order[first:first + size], first, str(path),
-                                                    str(self.root), asdict(self.params), self.dataset)
-
-        self._submit_bounded(build_calls(), built)
-        bounds, tail_start = plan_shards(sizes, self.params)
-
-        names = [self.shard_name(k) for k in range(len(bounds))]
         writer = ray.remote(num_cpus=1)(_safe(write_one_shard))
+        planner, names, known = Planner(self.params), [], 0
+        pending: dict = {}  # ref -> "build" | "write"
         self.skipped = 0
 
-        def write_calls():
-            for name, (start, end) in zip(names, bounds):
+        def built(first: int, got: list[int]) -> None:
+            nonlocal known
+            sizes[first:first + len(got)] = got
+            progress.update(len(got))
+            while known < n and sizes[known] is not None:
+                known += 1
+            for start, end in planner.advance(sizes, known):
+                name = self.shard_name(len(names))
+                names.append(name)
                 if self._kept(name, start, end):
                     self.skipped += 1
                     continue
-                yield writer, (spill, self.order[start:end], start, end, name, str(self.out),
-                               str(self.rows_dir), str(chunks), size)
+                pending[writer.remote(spill, self.order[start:end], start, end, name, str(self.out),
+                                      str(self.rows_dir), str(chunks), size)] = "write"
 
-        self._submit_bounded(write_calls(), lambda record: None)
+        def drain(below: int) -> None:
+            while len(pending) > below:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                kind, result = pending.pop(done[0]), ray.get(done[0])
+                if "error" in result:
+                    for ref in pending:
+                        ray.cancel(ref)
+                    raise TaskError(result["error"])
+                if kind == "build":
+                    built(*result["ok"])
+
+        start = time.perf_counter()
+        for c in range(-(-n // size)):
+            path, first = chunks / f"chunk-{c:06d}", c * size
+            if path.with_suffix(".arrow").is_file() and path.with_suffix(".bin").is_file():
+                built(first, [-1 if m["error"] else m["size"] for m in _chunk_meta(chunks, c)])
+                continue
+            pending[builder.remote(spill, self.order[first:first + size], first, str(path),
+                                   str(self.root), asdict(self.params), self.dataset)] = "build"
+            drain(IN_FLIGHT * self.cpus)
+        if n == 0:
+            built(0, [])
+        drain(0)
+        self.seconds["build_and_write"] = time.perf_counter() - start
+        start = time.perf_counter()
         shards = [self._record(name) for name in names]
         tail = [index_row(self.row(self.order[p]), status="failed", error=m["error"])
-                for c in range(tail_start // size, n_chunks) for m in _chunk_meta(chunks, c)
-                if m["pos"] >= tail_start]
+                for c in range(planner.start // size, -(-n // size)) for m in _chunk_meta(chunks, c)
+                if m["pos"] >= planner.start]
         manifest = self.finish(shards, tail, progress)
         shutil.rmtree(chunks, ignore_errors=True)
+        self.seconds["finish"] = time.perf_counter() - start
         return manifest
 
     def _record(self, name: str) -> dict:
