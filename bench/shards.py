@@ -76,6 +76,7 @@ def ray_scaling(tmp: Path, samples: int, distinct: int, repeats: int) -> dict:
     return {"samples": samples, "distinct_sources": distinct, "runs": {str(c): runs[c] for c in (1, 2)},
             "best_seconds": {str(c): best[c] for c in (1, 2)},
             "speedup_2_over_1": round(speedup, 3), "speedup_at_least": TARGET_SCALING,
+            "pair_ratios": [round(a["seconds"] / b["seconds"], 3) for a, b in zip(runs[1], runs[2])],
             "met": speedup >= TARGET_SCALING,
             "core_seconds_per_sample": round(best[1] / one["samples"], 5),
             "tar_bytes_per_sample": round(one["tar_bytes"] / one["samples"]),
