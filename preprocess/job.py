@@ -198,7 +198,7 @@ def build_pipeline(n_images: int, todo_images: int, list_sha256: str, config: Jo
     """range(batches) -> the items of each batch of unfinished parts -> per-image rows ->
     stages -> parts written by the workers; yields one small summary row per part (or
     fragment) written. One batch a Ray block (up to MAX_BLOCKS blocks, so the driver's
-    share stays bounded), as `from_items` gave before: a task that dies loses one batch."""
+    share stays bounded): a task that dies loses one batch, whose images become lost rows."""
     import ray.data
     batch_size = config.batch_size or max(1, min(16, math.ceil(todo_images / (4 * num_cpus))))
     n_batches = math.ceil(n_images / config.part_size) * -(-config.part_size // batch_size)
