@@ -49,13 +49,15 @@ sample: setup
 	$(PY) -m preprocess.sample --out $(call q,$(WORK_DIR)/sample/raw) $(SAMPLE_ARGS)
 
 # make proposals DATASET=coco COCO_ROOT=/data/coco [SPLIT=train2017] | DATASET=imagenet|folder
+# DATA_ROOT=... | DATASET=filelist FILE_LIST=paths.txt|paths.parquet [DATA_ROOT=base of relative paths]
 # DATA_ROOT=... ; PROPOSALS_ARGS e.g. "--mode quality --num-cpus 8 --limit 100";
 # PROPOSALS_ARGS=--refresh-changed redoes the parts whose source images changed since
 # (what make shards asks for when it finds one). One job per WORK_DIR/DATASET at a time.
 proposals: setup
 	$(PY) -m preprocess.job --dataset $(call q,$(DATASET)) \
 	  $(if $(filter coco,$(DATASET)),$(if $(COCO_ROOT),--root $(call q,$(COCO_ROOT)))) \
-	  $(if $(filter imagenet folder,$(DATASET)),$(if $(DATA_ROOT),--root $(call q,$(DATA_ROOT)))) \
+	  $(if $(filter imagenet folder filelist,$(DATASET)),$(if $(DATA_ROOT),--root $(call q,$(DATA_ROOT)))) \
+	  $(if $(filter filelist,$(DATASET)),$(if $(FILE_LIST),--file-list $(call q,$(FILE_LIST)))) \
 	  $(if $(SPLIT),--split $(call q,$(SPLIT))) $(PROPOSALS_ARGS)
 
 shards: setup

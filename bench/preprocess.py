@@ -18,6 +18,11 @@ On ../shared/data/coco128 (the built-in sample when absent), in one process:
    parallelism from other load slowing the cores down.
 5. Memory: peak RSS of the job's process tree (driver + Ray) on a small and a 4x larger
    sample, above the idle-Ray level; it must not grow with the number of images.
+6. Driver memory: the real job (`python -m preprocess.job --dry-run`: listing in Ray tasks,
+   parts of failed rows written by the workers, no image read) on trees of 2k and 20k empty
+   files, interleaved; the driver process's own peak RSS (getrusage RUSAGE_SELF, written to
+   _job.json as driver_max_rss_mb), whose ratio must stay at most 1.2. `--only driver-memory`
+   runs this alone and updates that entry of the results file.
 Writes bench/results/preprocess.json.
 """
 from __future__ import annotations
@@ -193,6 +198,46 @@ def ray_job(kind: str, root: str, split, n: int, cpus: int, work: Path, measure_
     return out
 
 
+DRIVER_SIZES, TARGET_DRIVER_RATIO = (2000, 20000), 1.2
+
+
+def driver_memory(tmp: Path, repeats: int = 2) -> dict:
+    """Peak RSS of the job's driver process alone, 2k vs 20k images (dry run)."""
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[1]
+    roots = {}
+    for n in DRIVER_SIZES:  # empty files in folders of 500: the listing never opens them
+        root = tmp / f"tree{n}"
+        for i in range(n):
+            folder = root / f"d{i // 500:03d}"
+            if i % 500 == 0:
+                folder.mkdir(parents=True)
+            (folder / f"{i:07d}.jpg").write_bytes(b"")
+        roots[n] = root
+    runs = {n: [] for n in DRIVER_SIZES}
+    for rep in range(repeats):
+        for n in DRIVER_SIZES:  # interleaved
+            work = tmp / f"drv{n}-{rep}"
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "preprocess.job", "--dataset", "folder", "--root",
+                            str(roots[n]), "--work-dir", str(work), "--dry-run", "--num-cpus", "2",
+                            "--stats", "off", "--part-size", "64"], cwd=repo, check=True,
+                           env=dict(os.environ, PYTHONPATH=str(repo)), stdout=subprocess.DEVNULL)
+            job = json.loads((work / "folder" / "proposals" / "_job.json").read_text())
+            assert job["num_images"] == n and job["counts"]["status"] == {"failed": n}
+            runs[n].append({"driver_max_rss_mb": job["driver_max_rss_mb"],
+                            "seconds": round(time.perf_counter() - start, 2)})
+    peak = {n: max(r["driver_max_rss_mb"] for r in runs[n]) for n in DRIVER_SIZES}
+    ratio = peak[DRIVER_SIZES[1]] / peak[DRIVER_SIZES[0]]
+    return {"what": "python -m preprocess.job --dataset folder --dry-run --num-cpus 2 --part-size 64 "
+                    "on empty files; driver process peak RSS (RUSAGE_SELF), max over repeats",
+            "runs": {str(n): runs[n] for n in DRIVER_SIZES},
+            "peak_mb": {str(n): peak[n] for n in DRIVER_SIZES},
+            "ratio_20k_over_2k": round(ratio, 3), "ratio_at_most": TARGET_DRIVER_RATIO,
+            "met": ratio <= TARGET_DRIVER_RATIO, "loadavg": os.getloadavg()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=32, help="images for the per-core comparison")
@@ -201,7 +246,17 @@ def main(argv=None) -> None:
                         "make Ray's fixed start-up and the last task's tail weigh more")
     p.add_argument("--repeats", type=int, default=3, help="interleaved 1- and 2-CPU job runs")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--only", choices=["driver-memory"], help="run only this part, updating its entry")
     a = p.parse_args(argv)
+    if a.only:
+        with tempfile.TemporaryDirectory() as tmp:
+            entry = driver_memory(Path(tmp))
+        out = Path(a.out)
+        result = json.loads(out.read_text()) if out.is_file() else {}
+        result["driver_memory"] = entry
+        atomic_write_text(out, json.dumps(result, indent=2))
+        print(json.dumps(entry, indent=2))
+        return
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -227,6 +282,7 @@ def main(argv=None) -> None:
         mem_root = str(generate(tmp / "mem", n_scene=64, n_object=0, seed=1, min_side=200, max_side=320))
         small = ray_job("sample", mem_root, None, 16, 2, tmp / "mem16", measure_memory=True)
         large = ray_job("sample", mem_root, None, 64, 2, tmp / "mem64", measure_memory=True)
+        driver = driver_memory(tmp)
 
     speed_ratio = ours["images_per_s_per_core"] / base["images_per_s_per_core"]
     scaling = two["images_per_s"] / one["images_per_s"]
@@ -245,11 +301,12 @@ def main(argv=None) -> None:
                     (one["seconds"] + one["warmup_s"]) / (two["seconds"] + two["warmup_s"]), 3),
                 "busy_workers_2_cpus": two["busy_workers"], "all_runs": runs[1] + runs[2]},
         "memory": {"small": small, "large": large, "growth_ratio_large_over_small": round(growth_ratio, 3)},
+        "driver_memory": driver,
         "targets": {
             "speed_vs_baseline_at_least": TARGET_SPEED, "speed_met": speed_ratio >= TARGET_SPEED,
             "recall_not_lower_met": ours["recall"] >= base["recall"],
             "scaling_at_least": TARGET_SCALING, "scaling_met": scaling >= TARGET_SCALING,
-            "memory_flat_met": growth_ratio <= 1.5,
+            "memory_flat_met": growth_ratio <= 1.5, "driver_memory_met": driver["met"],
         },
     }
     out = Path(a.out)

@@ -9,7 +9,13 @@ process, once with the page cache warm and once after evicting the tars from it
 (posix_fadvise DONTNEED), since a training job streams from disk. Target: streaming
 reads at least 0.8 of the plain read, checked on cold reads for the readers the
 pipeline streams with (DALI's and ours); webdataset is measured for comparison (its
-Python tar parser is CPU-bound). Writes bench/results/shards.json."""
+Python tar parser is CPU-bound). Writes bench/results/shards.json.
+
+`--only ray-scaling` (also part of the full run): the Ray writer (shards.parallel) on a
+local Ray of 1 and of 2 CPUs, interleaved, best of `--scaling-repeats`, each on a started
+Ray whose workers a warm-up pack has started; the 2-over-1 speed-up (target >= 1.7), the
+packing cost in core-seconds per sample and the tar bytes per sample, with the load
+average around the runs (the machine is shared)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +41,49 @@ from shards.write import PackParams, write_shards
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shards.json"
 TARGET = 0.8
+TARGET_SCALING = 1.7
+
+
+def ray_scaling(tmp: Path, samples: int, distinct: int, repeats: int) -> dict:
+    """Ray writer on 1 vs 2 CPUs (interleaved): seconds, speed-up, cost per sample."""
+    import ray
+    from preprocess.job import start_ray
+    from shards.parallel import write_shards_on_ray
+    pdir = build_dataset(tmp / "scaling", samples, distinct, seed=1)
+    runs: dict[int, list] = {1: [], 2: []}
+    load_before = os.getloadavg()
+    for rep in range(repeats):
+        for cpus in (1, 2):
+            start_ray(cpus)
+            try:  # warm-up: start the workers and their imports outside the timed pack
+                write_shards_on_ray("bench", PackParams(max_samples=250), pdir,
+                                    tmp / f"warm{cpus}-{rep}", None, False, None, chunk=8)
+                out = tmp / f"ray{cpus}-{rep}"
+                start = time.perf_counter()
+                manifest = write_shards_on_ray("bench", PackParams(max_samples=250), pdir, out,
+                                               None, False, None)
+                took = time.perf_counter() - start
+            finally:
+                ray.shutdown()
+            nbytes = sum(x["bytes"] for x in manifest["shards"])
+            runs[cpus].append({"seconds": round(took, 2), "samples": manifest["num_samples"],
+                               "tar_bytes": nbytes, "loadavg_after": os.getloadavg()})
+            print(f"[bench-shards] ray {cpus} CPU(s): {took:.1f}s for {manifest['num_samples']} samples",
+                  flush=True)
+    best = {c: min(r["seconds"] for r in runs[c]) for c in (1, 2)}
+    speedup = best[1] / best[2]
+    one = runs[1][0]
+    return {"samples": samples, "distinct_sources": distinct, "runs": {str(c): runs[c] for c in (1, 2)},
+            "best_seconds": {str(c): best[c] for c in (1, 2)},
+            "speedup_2_over_1": round(speedup, 3), "speedup_at_least": TARGET_SCALING,
+            "pair_ratios": [round(a["seconds"] / b["seconds"], 3) for a, b in zip(runs[1], runs[2])],
+            "met": speedup >= TARGET_SCALING,
+            "core_seconds_per_sample": round(best[1] / one["samples"], 5),
+            "tar_bytes_per_sample": round(one["tar_bytes"] / one["samples"]),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "what": "shards.parallel.write_shards_on_ray (CHUNK samples a build task) on a local "
+                    "Ray of 1 or 2 CPUs, including the driver's load of the parts and the merge "
+                    "of index and manifest; Ray start-up and worker start excluded (warm-up pack)"}
 
 
 def photo_like(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -175,7 +224,20 @@ def main(argv=None) -> int:
     ap.add_argument("--write-repeats", type=int, default=3)
     ap.add_argument("--dali-threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--scaling-samples", type=int, default=1500)
+    ap.add_argument("--scaling-repeats", type=int, default=3)
+    ap.add_argument("--only", choices=["ray-scaling"], help="run only this part, updating its entry")
     a = ap.parse_args(argv)
+    if a.only:
+        with tempfile.TemporaryDirectory(prefix="bench_shards_", dir=os.environ.get("BENCH_TMP")) as tmp:
+            entry = ray_scaling(Path(tmp), a.scaling_samples, a.distinct, a.scaling_repeats)
+        out = Path(a.out)
+        report = json.loads(out.read_text()) if out.is_file() else {}
+        report["ray_scaling"] = entry
+        atomic_write_text(out, json.dumps(report, indent=1))
+        print(json.dumps({k: entry[k] for k in ("best_seconds", "speedup_2_over_1", "met",
+                                                "core_seconds_per_sample", "tar_bytes_per_sample")}))
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench_shards_", dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
         print(f"[bench-shards] building {a.samples} synthetic samples in {tmp}", flush=True)
@@ -235,6 +297,7 @@ def main(argv=None) -> int:
             print(f"[bench-shards] {cache} cache: " + ", ".join(
                 f"{k} {v['samples_per_s']:.0f}/s ({v['ratio_to_plain_read']:.2f}x)"
                 for k, v in results[cache].items()), flush=True)
+        scaling = ray_scaling(tmp, a.scaling_samples, a.distinct, a.scaling_repeats)
     write_med, plain_med = statistics.median(write_s), statistics.median(plain_write_s)
     write_ratio = statistics.median(p / w for p, w in zip(plain_write_s, write_s))
     streaming = ("dali_cpu", "shard_dataset")  # the pipeline's streaming readers
@@ -248,6 +311,7 @@ def main(argv=None) -> int:
                   "plain_write_MB_per_s": nbytes / 1e6 / plain_med,
                   "ratio_to_plain_write": write_ratio},
         "read": results,
+        "ray_scaling": scaling,
         "target": {"streaming_ratio_min": TARGET, "checked_on": "cold", "readers": streaming,
                    "values": {r: results["cold"][r]["ratio_to_plain_read"] for r in streaming},
                    "met": all(results["cold"][r]["ratio_to_plain_read"] >= TARGET

@@ -7,10 +7,19 @@ Kinds:
 - `imagenet`: class folders (`root/<split>/<class>/...` or `root/<class>/...`); label = index of
   the class folder in sorted order.
 - `folder`: any tree of images (jpg, jpeg, png, webp, bmp, tif, tiff), recursive.
+- `filelist`: a file list, the form crawls come in: a text file with one path a line, or
+  a Parquet file with a column of paths (`path` by default). Relative paths are taken
+  from the dataset root (by default the list's folder); keys as for `folder` (path slug +
+  hash of the path relative to the root). A path outside the root is a failed row saying
+  so; a path listed twice is kept once, and counted; empty lines are counted.
 Trees are walked following symlinked folders; a folder reached twice (a link loop) is
 skipped once seen, and counted.
 
-Records are sorted by key, which fixes the Ray job's part boundaries. Files that later fail
+A dataset is listed as `Source`s (dataset_sources: the annotation file, one class folder,
+one tree, one chunk of a file list), each yielding its records (source_records) in any
+order; list_images sorts them in memory, preprocess.listing sorts them on disk in Ray
+tasks for datasets too large for one process. Records are sorted by key, which fixes the
+Ray job's part boundaries. Files that later fail
 to decode are still listed (they become error rows); only layout problems raise here.
 COCO entries are checked as they are listed (list_images_counted returns the counts,
 which the job puts in its summary): a file_name that leaves the root, or an entry without
@@ -32,7 +41,9 @@ from PIL import Image, ImageDraw
 from common.keys import coco_key, path_key
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-KINDS = ("sample", "coco", "imagenet", "folder")
+KINDS = ("sample", "coco", "imagenet", "folder", "filelist")
+FILE_LIST_COLUMN = "path"  # the Parquet column of a file list, by default
+LIST_CHUNK_BYTES = 8 << 20  # a text file list is listed in chunks of this many bytes
 
 
 class DatasetError(ValueError):
@@ -59,11 +70,15 @@ class Counts(dict):
 
 
 def _image_files(folder: Path, counts: Counts) -> list[Path]:
+    return sorted(_walk_images(folder, counts))
+
+
+def _walk_images(folder: Path, counts: Counts):
     """Image files under `folder`, following symlinked folders; a folder reached again
     (a symlink loop, or the same folder twice) is skipped and counted, as are files of
     other types. Not is_file(): a dangling link or unreadable entry is listed so it
     becomes an error row."""
-    seen, out = set(), []
+    seen = set()
 
     def walk_error(e: OSError) -> None:
         counts.add("unreadable folders")
@@ -78,10 +93,9 @@ def _image_files(folder: Path, counts: Counts) -> list[Path]:
         dirs.sort()
         for name in files:
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(Path(top) / name)
+                yield Path(top) / name
             else:
                 counts.add("files skipped: not an image extension")
-    return sorted(out)
 
 
 def _require_dir(path: Path, what: str, fix: str) -> Path:
@@ -230,29 +244,61 @@ def _records_from_coco(root: Path, images_dir: Path, ann_file: Path | None,
     return [records[k] for k in sorted(records)]
 
 
-def _class_of(path: Path, classes_root: Path) -> str:
-    return path.relative_to(classes_root).parts[0]
+@dataclass(frozen=True)
+class Source:
+    """One unit of listing work (a Ray task in preprocess.listing): the COCO annotation
+    file with its image folder, one class folder, one tree, or one chunk of a file list."""
+    kind: str                  # coco | tree | lines | parquet
+    root: str                  # the dataset root (relpaths and keys are relative to it)
+    folder: str | None = None  # coco: the images folder; tree: the folder walked
+    ann: str | None = None     # coco: the annotation file (None: no GT)
+    label: int | None = None   # tree: the class index of its images
+    file_list: str | None = None
+    start: int = 0             # lines: byte range [start, end) of the lines it owns
+    end: int = 0
+    row_group: int = 0         # parquet: the row group it reads
+    column: str = FILE_LIST_COLUMN
 
 
-def list_images(kind: str, root, split: str | None = None) -> list[ImageRecord]:
+def list_images(kind: str, root, split: str | None = None, file_list=None) -> list[ImageRecord]:
     """All images of a dataset, sorted by key. Raises DatasetError on a bad layout."""
-    return list_images_counted(kind, root, split)[0]
+    return list_images_counted(kind, root, split, file_list)[0]
 
 
-def list_images_counted(kind: str, root, split: str | None = None) -> tuple[list[ImageRecord], Counts]:
-    """(list_images, what listing clipped, dropped or skipped, by reason)."""
+def list_images_counted(kind: str, root, split: str | None = None, file_list=None,
+                        column: str = FILE_LIST_COLUMN) -> tuple[list[ImageRecord], Counts]:
+    """(list_images, what listing clipped, dropped or skipped, by reason), in memory."""
     counts = Counts()
-    root = Path(root).expanduser().resolve()
+    records = [r for source in dataset_sources(kind, root, split, file_list, column)
+               for r in source_records(source, counts)]
+    return _sorted_unique(records, counts), counts
+
+
+def dataset_root(kind: str, root, file_list=None) -> Path:
+    """The folder source paths are relative to (a file list's: its own folder by default)."""
+    if kind == "filelist" and root is None:
+        if file_list is None:
+            raise DatasetError("dataset 'filelist' needs the list: pass --file-list PATH "
+                               "(make proposals DATASET=filelist FILE_LIST=PATH)")
+        return Path(file_list).expanduser().resolve().parent
+    return Path(root).expanduser().resolve()
+
+
+def dataset_sources(kind: str, root, split: str | None = None, file_list=None,
+                    column: str = FILE_LIST_COLUMN) -> list[Source]:
+    """The listing work of a dataset; checks the layout (DatasetError naming the fix)."""
     if kind not in KINDS:
         raise DatasetError(f"unknown dataset kind {kind!r}; use one of {', '.join(KINDS)}")
+    root = dataset_root(kind, root, file_list)
     _require_dir(root, f"{kind} dataset root", "set COCO_ROOT / DATA_ROOT to the dataset folder")
+    r = str(root)
     if kind == "sample":
         ann = root / "annotations" / "instances_sample.json"
         if not ann.is_file():
             raise DatasetError(f"{ann} missing: {root} is not a generated sample; run "
                                f"`python -m preprocess.sample --out {root}`")
         images = _require_dir(root / "images", "sample images", "regenerate the sample")
-        return _records_from_coco(root, images, ann, counts), counts
+        return [Source("coco", r, folder=str(images), ann=str(ann))]
     if kind == "coco":
         split = split or "train2017"
         candidates = [root / "images" / split, root / split]
@@ -261,7 +307,7 @@ def list_images_counted(kind: str, root, split: str | None = None) -> tuple[list
             raise DatasetError(f"COCO split {split!r} not found under {root}: expected "
                                f"{candidates[0]} or {candidates[1]}; set SPLIT or COCO_ROOT")
         ann = root / "annotations" / f"instances_{split}.json"
-        return _records_from_coco(root, images_dir, ann if ann.is_file() else None, counts), counts
+        return [Source("coco", r, folder=str(images_dir), ann=str(ann) if ann.is_file() else None)]
     if kind == "imagenet":
         if split and not (root / split).is_dir():
             raise DatasetError(f"imagenet split {split!r} not found: {root / split} is not a folder; "
@@ -271,26 +317,104 @@ def list_images_counted(kind: str, root, split: str | None = None) -> tuple[list
         if not classes:
             raise DatasetError(f"{base}: no class folders; an imagenet-style root holds one "
                                "folder per class (optionally under a split folder)")
-        labels = {c: i for i, c in enumerate(classes)}
-        files = [f for c in classes for f in _image_files(base / c, counts)]
-        records = []
-        for path in files:
+        return [Source("tree", r, folder=str(base / c), label=i) for i, c in enumerate(classes)]
+    if kind == "folder":
+        return [Source("tree", r, folder=r)]
+    return _file_list_sources(r, file_list, column)
+
+
+def _file_list_sources(root: str, file_list, column: str) -> list[Source]:
+    if file_list is None:
+        raise DatasetError("dataset 'filelist' needs the list: pass --file-list PATH "
+                           "(make proposals DATASET=filelist FILE_LIST=PATH)")
+    path = Path(file_list).expanduser().resolve()
+    if not path.is_file():
+        raise DatasetError(f"file list {path} not found; FILE_LIST must name a text file "
+                           "(one path a line) or a Parquet file with a column of paths")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            meta = pq.ParquetFile(path)
+        except Exception as e:
+            raise DatasetError(f"{path}: not a readable Parquet file ({e}); rewrite the list") from e
+        if column not in meta.schema_arrow.names:
+            raise DatasetError(f"{path} has no column {column!r} (columns: "
+                               f"{', '.join(meta.schema_arrow.names)}); pass --file-list-column NAME")
+        return [Source("parquet", root, file_list=str(path), row_group=g, column=column)
+                for g in range(meta.num_row_groups)]
+    size = path.stat().st_size
+    return [Source("lines", root, file_list=str(path), start=a, end=min(size, a + LIST_CHUNK_BYTES))
+            for a in range(0, max(size, 1), LIST_CHUNK_BYTES)]
+
+
+def source_records(source: Source, counts: Counts):
+    """The records of one Source, in no particular order (callers sort by key)."""
+    root = Path(source.root)
+    if source.kind == "coco":
+        yield from _records_from_coco(root, Path(source.folder),
+                                      None if source.ann is None else Path(source.ann), counts)
+    elif source.kind == "tree":
+        for path in _walk_images(Path(source.folder), counts):
             relpath = path.relative_to(root).as_posix()
-            records.append(ImageRecord(path_key(relpath), str(path), relpath,
-                                       labels[_class_of(path, base)], None))
-        return _sorted_unique(records), counts
-    files = _image_files(root, counts)
-    return _sorted_unique([ImageRecord(path_key(p.relative_to(root).as_posix()), str(p),
-                                       p.relative_to(root).as_posix(), None, None) for p in files]), counts
+            yield ImageRecord(path_key(relpath), str(path), relpath, source.label, None)
+    else:
+        for line in _list_lines(source):
+            if not line.strip():
+                counts.add("file list: empty lines skipped")
+                continue
+            yield _listed_file(root, line, source.file_list, counts)
 
 
-def _sorted_unique(records: list[ImageRecord]) -> list[ImageRecord]:
-    by_key: dict[str, ImageRecord] = {}
-    for r in records:
-        if r.key in by_key:  # path_key hashes the exact path, so only a hash collision lands here
-            raise DatasetError(f"{r.path}: key {r.key} collides with {by_key[r.key].path}; rename one")
-        by_key[r.key] = r
-    return [by_key[k] for k in sorted(by_key)]
+def _list_lines(source: Source):
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+        table = pq.ParquetFile(source.file_list).read_row_group(source.row_group, [source.column])
+        for value in table.column(0).to_pylist():
+            yield "" if value is None else str(value)
+        return
+    with open(source.file_list, "rb") as f:  # the lines that start in [start, end)
+        if source.start:
+            f.seek(source.start - 1)
+            f.readline()
+        while f.tell() < source.end:
+            raw = f.readline()
+            if not raw:
+                return
+            try:
+                yield raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise DatasetError(f"{source.file_list}: the line at byte {f.tell() - len(raw)} "
+                                   "is not UTF-8; write the list in UTF-8") from None
+
+
+def _listed_file(root: Path, line: str, file_list: str, counts: Counts) -> ImageRecord:
+    path = Path(os.path.normpath(root / line))  # an absolute line replaces the root
+    if not _inside(root, path):
+        counts.add("entries failed: path outside the dataset root")
+        return ImageRecord(path_key(line), str(path), line, None, None, error=(
+            f"{file_list}: {line!r} lies outside the dataset root {root}; list paths under "
+            "the root, or pass --root (DATA_ROOT) a folder holding them all"))
+    relpath = path.relative_to(root).as_posix()
+    return ImageRecord(path_key(relpath), str(path), relpath, None, None)
+
+
+def check_unique(previous: ImageRecord | None, record: ImageRecord, counts: Counts) -> bool:
+    """False for the second listing of the same path (counted); raises on two paths with
+    one key (a key hash collision: rename one)."""
+    if previous is None or previous.key != record.key:
+        return True
+    if previous.relpath == record.relpath:
+        counts.add("entries skipped: the same path listed twice")
+        return False
+    raise DatasetError(f"{record.path}: key {record.key} collides with {previous.path}; rename one")
+
+
+def _sorted_unique(records: list[ImageRecord], counts: Counts) -> list[ImageRecord]:
+    out: list[ImageRecord] = []
+    for r in sorted(records, key=lambda r: (r.key, r.relpath)):
+        if check_unique(out[-1] if out else None, r, counts):
+            out.append(r)
+    return out
 
 
 # ---------------------------------------------------------------- ground-truth masks

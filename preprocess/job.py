@@ -1,16 +1,20 @@
 """The preprocessing Ray job: images -> proposals, FH segments, MCG-style masks -> Parquet parts.
 
-    python -m preprocess.job --dataset sample|coco|imagenet|folder [--root DIR] [--split S]
+    python -m preprocess.job --dataset sample|coco|imagenet|folder|filelist [--root DIR] [--split S]
 
-Shape (ray.data end to end): read (`from_items` over the image records of unfinished parts)
--> `map_batches(process_batch)` on a task pool (one CPU per task, so nothing starves)
--> the stages handed to `run(config, stages)` (preprocess.stages.Stage; the command line
-passes the audit's distance stage when --stats asks for it)
--> write: the driver streams the result blocks and writes each part atomically once every
-row of that part has arrived. Parts are fixed chunks of the key-sorted image list, so a
-part's content does not depend on how Ray batched or ordered the work, and a rerun skips
-parts whose file exists. Local Ray by default (all the machine's cores); RAY_ADDRESS (or
-`ray job submit`) runs the same code on a cluster.
+Shape: listing (preprocess.listing: Ray tasks list the dataset's sources and merge them
+into key-sorted part listings on disk) -> `ray.data.range(parts)` -> the image items of
+each unfinished part, read from its listing by a worker -> `map_batches(process_batch)`
+on a task pool (one CPU per task, so nothing starves) -> the stages handed to
+`run(config, stages)` (preprocess.stages.Stage; the command line passes the audit's
+distance stage when --stats asks for it) -> `write_rows`: the workers write each part
+atomically (rows of a part that arrive in several batches meet as fragments until the
+last one writes the part). The driver holds summaries only, never the image list or a
+row: its memory does not grow with the dataset. Parts are fixed chunks of the key-sorted
+image list, so a part's content does not depend on how Ray batched or ordered the work,
+and a rerun skips parts whose file exists. Local Ray by default (all the machine's
+cores); RAY_ADDRESS (or `ray job submit`) runs the same code on a cluster, where the
+images and WORK_DIR must be on storage every node sees at the same path.
 
 Every input image yields exactly one row: failures are rows with status 'failed' and the
 reason, including images whose worker died (status 'failed', error 'lost: ...').
@@ -18,10 +22,11 @@ reason, including images whose worker died (status 'failed', error 'lost: ...').
 from __future__ import annotations
 
 import argparse
-import hashlib
+import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -30,13 +35,16 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.io import (atomic_open, atomic_write_text, exclusive, remove_stale_temporaries,
                        sha256_bytes, sha256_file)
 from common.paths import proposals_dir, work_dir
 from common.progress import Progress, format_duration
-from preprocess.datasets import DatasetError, ImageRecord, gt_in_stored_frame, list_images_counted
+from preprocess import listing
+from preprocess.datasets import (FILE_LIST_COLUMN, KINDS, DatasetError, ImageRecord, dataset_root,
+                                 dataset_sources, gt_in_stored_frame)
 from preprocess.decode import DecodeError, decode, max_pixels
 from preprocess.mcg import MaskParams, encode_bitfield_png, mcg_masks
 from preprocess.proposals import ProposalParams, propose
@@ -47,6 +55,16 @@ from schemas.proposals import PROPOSALS
 PART_NAME = "part-{:05d}.parquet"
 JOB_FILE = "_job.json"
 PATH_COLUMN = "_path"  # absolute source path, carried through the stages, dropped before writing
+PART_COLUMN = "_part"  # the part a row belongs to, carried like PATH_COLUMN
+LISTING_DIR = "_listing"  # the job's key-sorted image list (preprocess.listing); removed at the end
+STAGING = "_staging"  # fragments of parts whose rows arrived in several batches
+ITEM_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("relpath", pa.string()),
+                         ("label", pa.int64()), ("gt", pa.string()), ("gt_size", pa.list_(pa.int64())),
+                         ("part", pa.int64()), ("error", pa.string())])
+SUMMARY_SCHEMA = pa.schema([("part", pa.int64()), ("rows", pa.int64()), ("failed", pa.int64()),
+                            ("written", pa.bool_()), ("error", pa.string())])
+MAX_BLOCKS = 4096  # Ray blocks of the job's first step; beyond, a block holds several batches
+DRY_RUN_ERROR = "dry run (--dry-run): listed, not read"
 
 
 class JobError(RuntimeError):
@@ -55,8 +73,8 @@ class JobError(RuntimeError):
 
 @dataclass
 class JobConfig:
-    dataset: str                      # sample | coco | imagenet | folder
-    root: str                         # dataset root
+    dataset: str                      # sample | coco | imagenet | folder | filelist
+    root: str | None                  # dataset root (filelist: default the list's folder)
     split: str | None = None
     name: str | None = None           # output folder name under WORK_DIR (default: dataset)
     work_dir: str | None = None
@@ -69,6 +87,9 @@ class JobConfig:
     segments: SegmentParams = field(default_factory=SegmentParams)
     masks: MaskParams = field(default_factory=MaskParams)
     refresh_changed: bool = False     # redo the parts holding images whose bytes changed (sha256)
+    file_list: str | None = None      # filelist: a text file (a path a line) or a Parquet file
+    file_list_column: str = FILE_LIST_COLUMN  # filelist: the Parquet column of paths
+    dry_run: bool = False             # list and write parts of failed rows, reading no image
 
     @property
     def out_name(self) -> str:
@@ -79,10 +100,11 @@ class JobConfig:
 
     def params(self) -> dict:
         """Everything that changes the rows; recorded in every part and in _job.json."""
-        return {"dataset": self.dataset, "split": self.split, "part_size": self.part_size,
-                "max_pixels": self.max_pixels, "proposals": self.proposals.as_dict(),
-                "segments": self.segments.as_dict(), "masks": self.masks.as_dict(),
-                "schema_version": PROPOSALS.version}
+        params = {"dataset": self.dataset, "split": self.split, "part_size": self.part_size,
+                  "max_pixels": self.max_pixels, "proposals": self.proposals.as_dict(),
+                  "segments": self.segments.as_dict(), "masks": self.masks.as_dict(),
+                  "schema_version": PROPOSALS.version}
+        return params | ({"dry_run": True} if self.dry_run else {})
 
 
 # ---------------------------------------------------------------- per image (runs in workers)
@@ -101,6 +123,8 @@ def process_image(item: dict, params: dict) -> dict:
     try:
         if item.get("error"):  # the dataset listing refused this entry (preprocess.datasets)
             raise DecodeError(item["error"])
+        if params.get("dry_run"):  # the bench of the job's own overhead (bench.preprocess)
+            raise DecodeError(DRY_RUN_ERROR)
         try:
             data = Path(item["path"]).read_bytes()
         except OSError as e:
@@ -139,45 +163,133 @@ def process_batch(batch: pa.Table, params: dict) -> pa.Table:
     cv2.setNumThreads(1)  # Ray gives each task one CPU; OpenCV threads would oversubscribe
     items = batch.to_pylist()
     table = PROPOSALS.from_rows([process_image(item, params) for item in items])
-    return table.append_column(PATH_COLUMN, pa.array([i["path"] for i in items], pa.string()))
+    table = table.append_column(PATH_COLUMN, pa.array([i["path"] for i in items], pa.string()))
+    return table.append_column(PART_COLUMN, pa.array([i["part"] for i in items], pa.int64()))
 
 
-def _process_stage(ds, config: JobConfig, num_cpus: int, batch_size: int):
+def _item_table(items: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(items, schema=ITEM_SCHEMA)
+
+
+@functools.lru_cache(maxsize=4)
+def _listed(listing_dir: str, list_sha256: str, part: int) -> list[ImageRecord]:
+    """A part's records, cached in the worker (a part feeds several batches); the list's
+    hash in the key, so a later job on the same folder never sees an old listing."""
+    return listing.read_part(listing_dir, part)
+
+
+def expand_batches(batch: pa.Table, listing_dir: str, list_sha256: str, out_dir: str,
+                   part_size: int, batch_size: int) -> pa.Table:
+    """Ray map_batches function: batch numbers -> the image items of those batches, read
+    from the listing; batch b is images [j*batch_size, (j+1)*batch_size) of part
+    b // per_part (j = b % per_part). Parts already on disk give nothing (one stat)."""
+    per_part, items = -(-part_size // batch_size), []
+    for b in batch.column("id").to_pylist():
+        part, j = divmod(b, per_part)
+        if (Path(out_dir) / PART_NAME.format(part)).is_file():
+            continue
+        records = _listed(listing_dir, list_sha256, part)
+        items += [_item(r, part) for r in records[j * batch_size:(j + 1) * batch_size]]
+    return _item_table(items)
+
+
+def build_pipeline(n_images: int, todo_images: int, list_sha256: str, config: JobConfig, num_cpus: int,
+                   listing_dir: Path, out: Path, write_params: dict, stages: Sequence[Stage] = ()):
+    """range(batches) -> the items of each batch of unfinished parts -> per-image rows ->
+    stages -> parts written by the workers; yields one small summary row per part (or
+    fragment) written. One batch a Ray block (up to MAX_BLOCKS blocks, so the driver's
+    share stays bounded): a task that dies loses one batch, whose images become lost rows."""
     import ray.data
-    return ds.map_batches(process_batch, fn_kwargs={"params": config.params()}, batch_size=batch_size,
-                          batch_format="pyarrow", num_cpus=1,
-                          compute=ray.data.TaskPoolStrategy(size=num_cpus))
-
-
-def build_pipeline(items: list[dict], config: JobConfig, num_cpus: int, stages: Sequence[Stage] = ()):
-    import ray.data
-    batch_size = config.batch_size or max(1, min(16, math.ceil(len(items) / (4 * num_cpus))))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
-    ds = _process_stage(ds, config, num_cpus, batch_size)
+    batch_size = config.batch_size or max(1, min(16, math.ceil(todo_images / (4 * num_cpus))))
+    n_batches = math.ceil(n_images / config.part_size) * -(-config.part_size // batch_size)
+    pool = ray.data.TaskPoolStrategy(size=num_cpus)
+    ds = ray.data.range(n_batches, override_num_blocks=min(n_batches, MAX_BLOCKS))
+    ds = ds.map_batches(expand_batches, fn_kwargs={
+        "listing_dir": str(listing_dir), "list_sha256": list_sha256, "out_dir": str(out),
+        "part_size": config.part_size, "batch_size": batch_size},
+        batch_size=None, batch_format="pyarrow", num_cpus=1, compute=pool)
+    ds = ds.map_batches(process_batch, fn_kwargs={"params": config.params()}, batch_size=batch_size,
+                        batch_format="pyarrow", num_cpus=1, compute=pool)
     for stage in stages:  # in order, on PROPOSALS rows plus PATH_COLUMN (preprocess.stages)
         ds = stage(ds, config, num_cpus)
-    return ds
+    return ds.map_batches(write_rows, fn_kwargs={"listing_dir": str(listing_dir), "out_dir": str(out),
+                                                 "params": write_params},
+                          batch_size=None, batch_format="pyarrow", num_cpus=1, compute=pool)
+
+
+# ---------------------------------------------------------------- writing parts (in workers)
+def write_part(path: Path, rows: list[dict], params: dict) -> None:
+    rows = sorted(rows, key=lambda r: r["key"])
+    table = PROPOSALS.from_rows([{k: v for k, v in r.items() if k not in (PATH_COLUMN, PART_COLUMN)}
+                                 for r in rows], params)
+    with atomic_open(path, "a proposals part") as f:
+        pq.write_table(table, f, compression="zstd")
+
+
+def _fragments(out: Path, part: int) -> Path:
+    return out / STAGING / PART_NAME.format(part).replace(".parquet", "")
+
+
+def _fragment_rows(folder: Path) -> dict[str, dict]:
+    """The rows of a part's fragments. A fragment gone meanwhile means another worker, which
+    saw the part complete at the same moment, wrote the part and removed them."""
+    rows: dict[str, dict] = {}
+    for f in sorted(folder.glob("*.arrow")) if folder.is_dir() else []:
+        try:
+            with pa.memory_map(str(f)) as source:
+                table = pa.ipc.open_file(source).read_all()
+        except FileNotFoundError:
+            continue
+        for row in table.to_pylist():
+            rows.setdefault(row["key"], row)
+    return rows
+
+
+def write_rows(batch: pa.Table, listing_dir: str, out_dir: str, params: dict) -> pa.Table:
+    """Ray map_batches function, the job's last step: the rows of a part that arrive
+    together are written as that part; rows of a part split across batches are kept as
+    fragments (atomic, named by their first key, so a retried task rewrites the same
+    file) until the fragment that completes the part writes it. Returns one summary row
+    per part touched: rows written, failures, or the error (a full disk) for the driver."""
+    out, summary = Path(out_dir), []
+    parts = batch.column(PART_COLUMN).to_pylist()
+    for part in sorted(set(parts)):
+        rows = batch.filter(pc.equal(batch.column(PART_COLUMN), part)).to_pylist()
+        entry = {"part": part, "rows": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
+                 "written": False, "error": None}
+        try:
+            expected = listing.part_keys(listing_dir, part)
+            path = out / PART_NAME.format(part)
+            folder = _fragments(out, part)
+            if path.is_file():  # a retried task's rows of a part already written
+                pass
+            elif len(rows) == len(expected) and not folder.is_dir():
+                write_part(path, rows, params)
+                entry["written"] = True
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                first = min(r["key"] for r in rows)
+                table = PROPOSALS.from_rows([{k: v for k, v in r.items() if k not in (PATH_COLUMN, PART_COLUMN)}
+                                             for r in rows])
+                with atomic_open(folder / f"{first}-{len(rows)}.arrow", "a proposals part fragment") as f, \
+                        pa.ipc.new_file(f, table.schema) as w:
+                    w.write_table(table)
+                have = _fragment_rows(folder)  # listed after our own write: the last writer sees all
+                if set(have) >= set(expected) and not path.is_file():
+                    write_part(path, [have[k] for k in expected], params)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    entry["written"] = True
+        except OSError as e:  # a full disk: one message, raised by the driver
+            entry["error"] = str(e)
+        summary.append(entry)
+    return pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)
 
 
 # ---------------------------------------------------------------- driver
-def image_list_hash(records: list[ImageRecord]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(f"{r.key}\t{r.relpath}\n".encode("utf-8"))
-    return h.hexdigest()
-
-
 def _lost_row(item: dict) -> dict:
     return {"key": item["key"], "source_path": item["relpath"], "status": "failed", "label": item["label"],
             "error": f"lost: no result came back for {item['path']} (its Ray worker died, e.g. out of "
                      "memory or a crash in a native library); rerun after fixing, or remove the file"}
-
-
-def write_part(path: Path, rows: list[dict], params: dict) -> None:
-    rows = sorted(rows, key=lambda r: r["key"])
-    table = PROPOSALS.from_rows([{k: v for k, v in r.items() if k != PATH_COLUMN} for r in rows], params)
-    with atomic_open(path, "a proposals part") as f:
-        pq.write_table(table, f, compression="zstd")
 
 
 def _check_previous(out: Path, job: dict) -> None:
@@ -214,15 +326,15 @@ def start_ray(num_cpus: int | None) -> tuple[bool, int]:
     return True, cpus
 
 
-def changed_images(out: Path, records: list[ImageRecord], part_size: int) -> dict[int, list[str]]:
+def changed_images(out: Path, listing_dir: Path, n_parts: int) -> dict[int, list[str]]:
     """{part: keys} of the images whose file bytes no longer have the sha256 their row
     recorded (changed, replaced, or readable now and not before); reads every image."""
     changed: dict[int, list[str]] = {}
-    for p in range(math.ceil(len(records) / part_size)):
+    for p in range(n_parts):
         path = out / PART_NAME.format(p)
         if not path.is_file():
             continue
-        mine = {r.key: r for r in records[p * part_size:(p + 1) * part_size]}
+        mine = {r.key: r for r in listing.read_part(listing_dir, p)}
         table = pq.read_table(path, columns=["key", "sha256"])
         for key, recorded in zip(table.column("key").to_pylist(), table.column("sha256").to_pylist()):
             try:
@@ -238,113 +350,135 @@ def run(config: JobConfig, stages: Sequence[Stage] = ()) -> dict:
     """Run (or resume) the job with `stages` after the per-image step; returns the summary
     that is also written to _job.json.
     One job per output folder at a time (a lock in it); a second one stops at once."""
-    records, listing = list_images_counted(config.dataset, config.root, config.split)
-    if config.limit:
-        records = records[: config.limit]
-    if not records:
-        raise JobError(f"no images found for dataset {config.dataset!r} under {config.root}; "
-                       "check the root folder and the split")
+    sources = dataset_sources(config.dataset, config.root, config.split, config.file_list,
+                              config.file_list_column)  # the layout checked before anything runs
     out = config.out_dir()
     with exclusive(out / ".lock", f"another make proposals is writing {out}; wait for it to "
                    "finish (or stop it), then rerun: finished parts are kept"):
-        return _run_locked(config, records, listing, out, stages)
+        started, cpus = start_ray(config.num_cpus)
+        try:
+            return _run_locked(config, sources, out, stages, cpus)
+        finally:
+            if started:
+                import ray
+                ray.shutdown()
 
 
-def _run_locked(config: JobConfig, records: list[ImageRecord], listing: dict, out: Path,
-                stages: Sequence[Stage]) -> dict:
-    if listing:
-        print(f"[proposals] listing {config.dataset}: " + "; ".join(
-            f"{n} {what}" for what, n in sorted(listing.items())), flush=True)
+def _max_rss_mb() -> float:
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _run_locked(config: JobConfig, sources, out: Path, stages: Sequence[Stage], cpus: int) -> dict:
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"[proposals] removed {removed} unfinished temporary file(s) of a killed run", flush=True)
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # fragments of a killed run: redone
+    listing_dir = out / LISTING_DIR
+    summary = listing.build(sources, listing_dir, config.part_size, config.limit)
+    counts, n_images, n_parts = summary["counts"], summary["num_images"], summary["num_parts"]
+    if counts:
+        print(f"[proposals] listing {config.dataset}: " + "; ".join(
+            f"{n} {what}" for what, n in sorted(counts.items())), flush=True)
+    if not n_images:
+        raise JobError(f"no images found for dataset {config.dataset!r} under {config.root}; "
+                       "check the root folder and the split")
     params = config.params()
-    n_parts = math.ceil(len(records) / config.part_size)
-    job = {"params": params, "root": str(config.root), "image_list_sha256": image_list_hash(records),
-           "num_images": len(records), "num_parts": n_parts, "complete": False}
+    job = {"params": params, "root": str(dataset_root(config.dataset, config.root, config.file_list)),
+           "image_list_sha256": summary["image_list_sha256"],
+           "num_images": n_images, "num_parts": n_parts, "complete": False}
     _check_previous(out, job)
     atomic_write_text(out / JOB_FILE, json.dumps(job, indent=2, sort_keys=True), "the job summary (_job.json)")
 
-    refreshed = changed_images(out, records, config.part_size) if config.refresh_changed else {}
+    refreshed = changed_images(out, listing_dir, n_parts) if config.refresh_changed else {}
     for part, keys in sorted(refreshed.items()):
         print(f"[proposals] part {part}: {len(keys)} image(s) changed since they were processed "
               f"({', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}); redoing the part", flush=True)
         (out / PART_NAME.format(part)).unlink()
-    todo = [p for p in range(n_parts) if not (out / PART_NAME.format(p)).is_file()]
-    items = [_item(r, p) for p in todo for r in records[p * config.part_size:(p + 1) * config.part_size]]
-    print(f"[proposals] {len(records)} images in {n_parts} parts -> {out}; "
-          f"{n_parts - len(todo)} parts already done, {len(todo)} to do"
-          f"{'' if todo or config.refresh_changed else ' (source images changed since? PROPOSALS_ARGS=--refresh-changed re-checks them)'}",
+
+    def part_rows(p: int) -> int:
+        return min(config.part_size, n_images - p * config.part_size)
+
+    todo_parts = todo_images = 0
+    for p in range(n_parts):  # counted, never listed: a part number costs the driver nothing
+        if not (out / PART_NAME.format(p)).is_file():
+            todo_parts, todo_images = todo_parts + 1, todo_images + part_rows(p)
+    print(f"[proposals] {n_images} images in {n_parts} parts -> {out}; "
+          f"{n_parts - todo_parts} parts already done, {todo_parts} to do"
+          f"{'' if todo_parts or config.refresh_changed else ' (source images changed since? PROPOSALS_ARGS=--refresh-changed re-checks them)'}",
           flush=True)
     start = time.perf_counter()
-    if items:
+    if todo_parts:
         for stage in stages:
             print(f"[proposals] stage {stage.name}: {stage.describe or 'on'}", flush=True)
         # Stage params go into the parts only (not _job.json): `make stats` may refresh them.
         stage_params = {s.name: s.params for s in stages if s.params is not None}
-        _run_parts(items, config, out, {**params, **stage_params}, stages)
+        _run_parts(config, n_images, todo_images, summary["image_list_sha256"], listing_dir, out,
+                   {**params, **stage_params}, stages, cpus)
     elapsed = time.perf_counter() - start
 
-    table = read_parts(out, ["status", "filter_rule"])
-    by_status = Counter(table.column("status").to_pylist())
-    by_rule = Counter(r for r in table.column("filter_rule").to_pylist() if r is not None)
+    by_status, by_rule, n_rows = Counter(), Counter(), 0
+    for f in sorted(out.glob("part-*.parquet")):  # one part at a time
+        table = pq.read_table(f, columns=["status", "filter_rule"])
+        n_rows += table.num_rows
+        by_status.update(table.column("status").to_pylist())
+        by_rule.update(r for r in table.column("filter_rule").to_pylist() if r is not None)
+    shutil.rmtree(listing_dir, ignore_errors=True)
     job.update(complete=True, counts={"status": dict(sorted(by_status.items())),
                                       "filter_rule": dict(sorted(by_rule.items()))},
-               listing=dict(sorted(listing.items())),
+               listing=dict(sorted(counts.items())),
                refreshed={"parts": len(refreshed), "images": sum(map(len, refreshed.values()))},
-               processed_this_run=len(items), elapsed_s=round(elapsed, 3),
-               images_per_s=round(len(items) / elapsed, 3) if items and elapsed > 0 else None)
+               processed_this_run=todo_images, elapsed_s=round(elapsed, 3),
+               images_per_s=round(todo_images / elapsed, 3) if todo_images and elapsed > 0 else None,
+               driver_max_rss_mb=_max_rss_mb())
     atomic_write_text(out / JOB_FILE, json.dumps(job, indent=2, sort_keys=True), "the job summary (_job.json)")
-    rate = f"{len(items) / elapsed:.2f} img/s" if items and elapsed > 0 else "nothing to do"
-    print(f"[proposals] done: {table.num_rows} rows in {n_parts} parts; status {dict(by_status)}; "
-          f"filter rule {dict(by_rule)}; this run {len(items)} images in {format_duration(elapsed)} "
+    rate = f"{todo_images / elapsed:.2f} img/s" if todo_images and elapsed > 0 else "nothing to do"
+    print(f"[proposals] done: {n_rows} rows in {n_parts} parts; status {dict(by_status)}; "
+          f"filter rule {dict(by_rule)}; this run {todo_images} images in {format_duration(elapsed)} "
           f"({rate})", flush=True)
     return job
 
 
-def _run_parts(items: list[dict], config: JobConfig, out: Path, params: dict, stages: Sequence[Stage]) -> None:
-    import ray
+def _run_parts(config: JobConfig, n_images: int, todo_images: int, list_sha256: str, listing_dir: Path,
+               out: Path, params: dict, stages: Sequence[Stage], cpus: int) -> None:
+    n_parts = math.ceil(n_images / config.part_size)
     from ray.data import DataContext
-    started, cpus = start_ray(config.num_cpus)
-    try:
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False  # our own Progress line instead
-        # A task that still fails after Ray's retries (its worker crashed, e.g. in native code
-        # on a malformed image) must not sink the job: its images become 'lost' rows below.
-        ctx.max_errored_blocks = -1
-        expected: dict[int, dict[str, dict]] = {}
-        for item in items:
-            expected.setdefault(item["part"], {})[item["key"]] = item
-        part_of = {item["key"]: item["part"] for item in items}
-        arrived: dict[int, list[dict]] = {p: [] for p in expected}
-        progress = Progress("proposals", len(items))
-        failed = 0
-        for batch in build_pipeline(items, config, cpus, stages).iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                part = part_of[row["key"]]
-                arrived[part].append(row)
-                failed += row["status"] != "ok"
-                if len(arrived[part]) == len(expected[part]):
-                    write_part(out / PART_NAME.format(part), arrived.pop(part), params)
-            progress.update(batch.num_rows)
-        for part, rows in sorted(arrived.items()):  # rows that never came back: record, never drop
-            seen = {r["key"] for r in rows}
-            lost = [_lost_row(item) for key, item in expected[part].items() if key not in seen]
-            print(f"[proposals] part {part}: {len(lost)} image(s) lost by Ray workers, recorded as failed",
-                  file=sys.stderr, flush=True)
-            write_part(out / PART_NAME.format(part), rows + lost, params)
-        if failed:
-            print(f"[proposals] {failed} image(s) failed this run; their rows say why (status, error)",
-                  file=sys.stderr, flush=True)
-    finally:
-        if started:
-            ray.shutdown()
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own Progress line instead
+    # A task that still fails after Ray's retries (its worker crashed, e.g. in native code
+    # on a malformed image) must not sink the job: its images become 'lost' rows below.
+    ctx.max_errored_blocks = -1
+    progress = Progress("proposals", todo_images)
+    failed = 0
+    for batch in build_pipeline(n_images, todo_images, list_sha256, config, cpus, listing_dir, out, params, stages).iter_batches(
+            batch_size=None, batch_format="pyarrow"):
+        for entry in batch.to_pylist():
+            if entry["error"]:
+                raise JobError(entry["error"])
+            failed += entry["failed"]
+            progress.update(entry["rows"])
+    for part in range(n_parts):  # rows that never came back: record, never drop
+        path = out / PART_NAME.format(part)
+        if path.is_file():
+            continue
+        rows = _fragment_rows(_fragments(out, part))
+        lost = [_lost_row(_item(r, part)) for r in listing.read_part(listing_dir, part) if r.key not in rows]
+        print(f"[proposals] part {part}: {len(lost)} image(s) lost by Ray workers, recorded as failed",
+              file=sys.stderr, flush=True)
+        failed += len(lost)
+        write_part(path, list(rows.values()) + lost, params)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    if failed:
+        print(f"[proposals] {failed} image(s) failed this run; their rows say why (status, error)",
+              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- command line
-def _default_root(dataset: str, args) -> str:
+def _default_root(dataset: str, args) -> str | None:
     if args.root:
         return args.root
+    if dataset == "filelist":
+        return None  # the list's folder (preprocess.datasets.dataset_root)
     if dataset == "sample":
         root = work_dir(args.work_dir) / "sample" / "raw"
         if not (root / "annotations" / "instances_sample.json").is_file():
@@ -361,7 +495,14 @@ def _default_root(dataset: str, args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", required=True, choices=["sample", "coco", "imagenet", "folder"])
+    p.add_argument("--dataset", required=True, choices=list(KINDS))
+    p.add_argument("--file-list", default=os.environ.get("FILE_LIST") or None,
+                   help="filelist: a text file (one path a line) or a Parquet file of paths")
+    p.add_argument("--file-list-column", default=FILE_LIST_COLUMN,
+                   help="filelist: the Parquet column holding the paths")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list and write parts of failed rows without reading any image "
+                        "(measures the job's own cost: bench.preprocess)")
     p.add_argument("--root", help="dataset root (default: COCO_ROOT / DATA_ROOT; sample: WORK_DIR/sample/raw)")
     p.add_argument("--split", default=os.environ.get("SPLIT") or None, help="coco: train2017 (default), ...")
     p.add_argument("--name", help="output name under WORK_DIR (default: the dataset kind)")
@@ -387,6 +528,7 @@ def main(argv=None) -> int:
         config = JobConfig(dataset=a.dataset, root=_default_root(a.dataset, a), split=a.split, name=a.name,
                            work_dir=a.work_dir, part_size=a.part_size, batch_size=a.batch_size,
                            num_cpus=a.num_cpus, limit=a.limit, refresh_changed=a.refresh_changed,
+                           file_list=a.file_list, file_list_column=a.file_list_column, dry_run=a.dry_run,
                            proposals=ProposalParams(mode=a.mode, max_side=a.max_side, max_boxes=a.max_boxes))
         from preprocess.audit.stage import job_stage  # the command line chooses the stages
         stage = job_stage(a.stats, a.weights, a.backbone)
@@ -400,5 +542,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the module, so Ray workers import the functions it ships
+    from preprocess.job import main as module_main
+    sys.exit(module_main())

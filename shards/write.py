@@ -451,8 +451,11 @@ class Writer:
 
 
 def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=None, out=None,
-                 root=None, overwrite: bool = False, workers: int | None = None) -> dict:
-    """Pack WORK_DIR/<dataset>/proposals into WORK_DIR/<dataset>/shards; returns the manifest."""
+                 root=None, overwrite: bool = False, workers: int | None = None,
+                 ray: bool = False, num_cpus: int | None = None) -> dict:
+    """Pack WORK_DIR/<dataset>/proposals into WORK_DIR/<dataset>/shards; returns the manifest.
+    `ray`: shards written in parallel by Ray tasks (shards.parallel; RAY_ADDRESS's cluster
+    or a local Ray of `num_cpus`), the same bytes as in this process with `workers` threads."""
     pdir = Path(proposals) if proposals else proposals_dir(dataset)
     out = Path(out) if out else shards_dir(dataset)
     if not any(pdir.glob("part-*.parquet")):  # before creating anything under `out`
@@ -460,6 +463,9 @@ def write_shards(dataset: str, params: PackParams = PackParams(), *, proposals=N
                                 f"make proposals DATASET={dataset} first")
     with exclusive(out / ROWS_DIR / ".lock", f"another make shards is writing {out}; wait for "
                    "it to finish"):
+        if ray:
+            from shards.parallel import write_shards_on_ray
+            return write_shards_on_ray(dataset, params, pdir, out, root, overwrite, num_cpus)
         return Writer(dataset, pdir, out, params, root, workers).run(overwrite)
 
 
@@ -489,7 +495,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality,
                     help="quality of re-encoded images (plain JPEG sources are kept as is)")
     ap.add_argument("--workers", type=int, default=None,
-                    help="threads reading and checking images (default: cores, at most 8)")
+                    help="--local: threads reading and checking images (default: cores, at most 8)")
+    ap.add_argument("--local", action="store_true",
+                    help="pack in this process (threads) instead of Ray tasks; the same bytes")
+    ap.add_argument("--num-cpus", type=int, default=None,
+                    help="local Ray CPUs (default: all; RAY_ADDRESS set: the cluster's)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace shards written with other inputs or parameters")
     a = ap.parse_args(argv)
@@ -499,12 +509,13 @@ def main(argv=None) -> int:
                         jpeg_quality=a.jpeg_quality)
     try:
         write_shards(a.dataset, params, proposals=a.proposals, out=a.out, root=a.root,
-                     overwrite=a.overwrite, workers=a.workers)
+                     overwrite=a.overwrite, workers=a.workers, ray=not a.local, num_cpus=a.num_cpus)
     except (OSError, ValueError) as e:  # disk full, missing parts, bad rows: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the module, so Ray workers import what it ships
+    from shards.write import main as module_main
+    sys.exit(module_main())

@@ -214,3 +214,117 @@ def test_unusual_but_valid_file_is_processed(bad_rows, name, size):
     assert decode_label_png(row["fh_png"]).shape == size[::-1]
     if size[0] < 32:
         assert row["filter_rule"] == "whole_image" and row["boxes"] == [[0, 0, size[0], size[1]]]
+
+
+# ---------------------------------------------------------------- listing streams, worker-written parts
+def test_worker_written_parts_equal_a_direct_loop_over_the_in_memory_listing(sample_parts, sample_raw):
+    """The parts the workers wrote hold, part by part, the rows of process_image run in this
+    process over fixed chunks of list_images (no Ray, no on-disk listing), and the same
+    params; only the timings differ."""
+    from preprocess.job import _item, process_image
+    work, name = sample_parts
+    out = proposals_dir(name, work)
+    config = JobConfig(dataset="sample", root=str(sample_raw), part_size=4)
+    params = config.params()
+    records = list_images("sample", sample_raw)
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == -(-len(records) // 4)
+    for p, path in enumerate(parts):
+        table = pq.read_table(path)
+        assert json.loads(table.schema.metadata[b"params"]) == json.loads(json.dumps(params))
+        expected = [process_image(_item(r, p), params) for r in records[4 * p:4 * p + 4]]
+        got = table.to_pylist()
+        assert [r["key"] for r in got] == [r["key"] for r in expected]
+        for g, e in zip(got, expected):
+            e = {k: v for k, v in e.items() if k not in VOLATILE}
+            g = {k: v for k, v in g.items() if k not in VOLATILE and k in e}
+            assert g == e
+
+
+def _tree(root: Path, n: int) -> list[str]:
+    """n empty image files in nested folders (listing never opens them)."""
+    rels = [f"d{i % 3}/s{i % 5}/img {i:03d}.jpg" for i in range(n)]
+    for rel in rels:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"")
+    return rels
+
+
+def test_the_on_disk_listing_merges_runs_into_the_in_memory_order_and_hash(tmp_path, monkeypatch):
+    """Small runs (7 records) and small file-list chunks (64 bytes) force many runs and a
+    real k-way merge; the parts it writes are the key-sorted list cut every 5 records, and
+    its hash is that of the list computed here."""
+    import hashlib
+    from preprocess import datasets, listing
+    root = tmp_path / "tree"
+    rels = _tree(root, 40)
+    (tmp_path / "list.txt").write_text("\n".join(rels + rels[:3]) + "\n\n")  # 3 listed twice, 1 empty
+    monkeypatch.setattr(listing, "RUN_RECORDS", 7)
+    monkeypatch.setattr(datasets, "LIST_CHUNK_BYTES", 64)
+    for kind, file_list in (("folder", None), ("filelist", tmp_path / "list.txt")):
+        expected, counts = datasets.list_images_counted(kind, root, None, file_list)
+        sources = datasets.dataset_sources(kind, root, None, file_list)
+        assert kind == "folder" or len(sources) > 10
+        out = tmp_path / kind
+        (out / "runs").mkdir(parents=True)
+        merged = datasets.Counts()
+        for i, source in enumerate(sources):
+            for what, k in listing.list_source(source, str(out / "runs"), i).items():
+                merged.add(what, k)
+        summary = listing.merge_runs(str(out), part_size=5)
+        for what, k in summary["counts"].items():
+            merged.add(what, k)
+        assert summary["num_images"] == len(expected) == 40 and summary["num_parts"] == 8
+        got = [r for p in range(8) for r in listing.read_part(out, p)]
+        assert got == expected and [len(listing.read_part(out, p)) for p in range(8)] == [5] * 8
+        h = hashlib.sha256("".join(f"{r.key}\t{r.relpath}\n" for r in expected).encode())
+        assert summary["image_list_sha256"] == h.hexdigest()
+        assert dict(merged) == dict(counts)
+    assert counts == {"entries skipped: the same path listed twice": 3, "file list: empty lines skipped": 1}
+
+
+def test_a_file_list_text_or_parquet_is_a_dataset_with_the_folder_keys(tmp_path):
+    """make proposals DATASET=filelist FILE_LIST=...: the same keys as `folder` on the same
+    files; a path outside the root and a missing file are failed rows saying why; the
+    job's listing counts say what was skipped."""
+    import pyarrow as pa
+    from preprocess.job import main
+    root = tmp_path / "crawl"
+    rels = _tree(root, 12)
+    folder_keys = [r.key for r in list_images("folder", root)]
+    lines = [str(root / rels[0])] + rels[1:] + ["../elsewhere.jpg", "gone.jpg", rels[2]]
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"url_path": lines}), root / "list.parquet", row_group_size=4)
+    for name, extra in (("txt", ["--file-list", str(root / "list.txt")]),
+                        ("pq", ["--file-list", str(root / "list.parquet"), "--file-list-column", "url_path"])):
+        work = tmp_path / f"work-{name}"
+        assert main(["--dataset", "filelist", *extra, "--work-dir", str(work), "--part-size", "5",
+                     "--num-cpus", "2", "--stats", "off", "--dry-run"]) == 0
+        rows = {r["source_path"]: r for r in read_parts(proposals_dir("filelist", work)).to_pylist()}
+        assert len(rows) == 14
+        assert sorted(r["key"] for p, r in rows.items() if p in rels) == sorted(folder_keys)
+        assert "outside the dataset root" in rows["../elsewhere.jpg"]["error"]
+        assert rows["gone.jpg"]["status"] == "failed"
+        job = json.loads((proposals_dir("filelist", work) / JOB_FILE).read_text())
+        assert job["root"] == str(root) and job["num_images"] == 14
+        assert job["listing"] == {"entries failed: path outside the dataset root": 1,
+                                  "entries skipped: the same path listed twice": 1}
+    from preprocess.datasets import DatasetError
+    with pytest.raises(DatasetError, match="has no column .path."):
+        run(JobConfig(dataset="filelist", root=None, file_list=str(root / "list.parquet"),
+                      work_dir=str(tmp_path / "w3")))
+
+
+def test_a_dry_run_writes_one_failed_row_per_image_and_refuses_to_mix_with_a_real_run(tmp_path):
+    from preprocess.job import DRY_RUN_ERROR
+    root = tmp_path / "tree"
+    rels = _tree(root, 9)
+    work = tmp_path / "work"
+    job = run(JobConfig(dataset="folder", root=str(root), work_dir=str(work), part_size=4, num_cpus=2,
+                        dry_run=True))
+    rows = read_parts(proposals_dir("folder", work)).to_pylist()
+    assert sorted(r["source_path"] for r in rows) == sorted(rels)
+    assert {r["error"] for r in rows} == {DRY_RUN_ERROR} and job["counts"]["status"] == {"failed": 9}
+    assert job["driver_max_rss_mb"] > 0 and not (proposals_dir("folder", work) / "_listing").exists()
+    with pytest.raises(JobError, match="different params"):
+        run(JobConfig(dataset="folder", root=str(root), work_dir=str(work), part_size=4, num_cpus=2))
