@@ -72,7 +72,8 @@ def trainer_run(overrides: list[str], out: Path, warmup: int) -> list[dict]:
     """Step records (step_time, data_wait) of one real trainer run, warm-up dropped."""
     from train.config import load_config
     from train.pretrain import train
-    train(load_config(CONFIG, overrides + [f"train.out={out}"]))
+    # online eval off: the photo-like bench shards carry no labels, and its cost is not the loader's
+    train(load_config(CONFIG, overrides + [f"train.out={out}", "eval.every=0"]))
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if "step_time" in r][warmup:]
 

@@ -162,3 +162,13 @@ def test_shards_without_labels_are_one_message_with_the_fix(tiny_run, sample_par
     assert code == 2 and f"{shards}: none of its 14 samples has a label" in err
     errors = [line for line in err.splitlines() if "error" in line]
     assert "EVAL_DATASET=sample" in err and len(errors) == 1 and "Traceback" not in err
+    # the same shards as the online eval's bank: the trainer stops before training, in one line
+    from train.pretrain import main as pretrain_main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        pretrain_main(["--config", str(CONFIGS / "mocov2_small_cpu.yaml"), f"data.shards={shards}",
+                       f"train.out={tmp_path / 'online'}", *RUN_ARGS])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "online eval (eval.every=1)" in err and "eval.every=0" in err
+    assert "none of its 14 samples has a label" in err and "Traceback" not in err
+    assert not (tmp_path / "online" / "checkpoints").exists()

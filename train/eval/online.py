@@ -94,7 +94,13 @@ class OnlineEval(Callback):
 
     def on_train_start(self, ctx: TrainContext) -> None:
         if ctx.is_main:  # read (and check) the labelled shards now, not after hours of training
-            self._sets()
+            from train.config import ConfigError
+            from train.eval.data import EvalDataError
+            try:
+                self._sets()
+            except EvalDataError as e:  # a config problem: the trainer prints it in one line
+                raise ConfigError(f"online eval (eval.every={self.every}): {e}; or turn it off with "
+                                  "eval.every=0") from None
 
     def on_step_end(self, ctx: TrainContext) -> None:
         if self.every > 0 and ctx.step % self.every == 0:
