@@ -144,13 +144,12 @@ def resume_ramp_steps(cfg: dict, total_steps: int, step: int, steps_per_epoch: i
 
 def apply_ramp(scheduler: LambdaLR, ramp: dict) -> None:
     """Wrap the scheduler's schedule in `Ramp`s from ramp = {start, steps, start_lrs} (the
-    lrs of the checkpoint at step `start`) and position it at `start`; kept in checkpoints
-    (`lr_ramp`) so a later resume inside the ramp continues it."""
+    lrs of the checkpoint at step `start`); the caller positions it (`position`). Kept in
+    checkpoints (`lr_ramp`) so a later resume inside the ramp continues it."""
     scheduler.lr_lambdas = [Ramp(getattr(fn, "schedule", fn), ramp["start"], ramp["steps"],
                                  lr0 / base if base else 0.0)
                             for fn, base, lr0 in zip(scheduler.lr_lambdas, scheduler.base_lrs,
                                                      ramp["start_lrs"], strict=True)]
-    position(scheduler, ramp["start"])
 
 
 def load_state_keeping_hyperparameters(optimizer: torch.optim.Optimizer, state: dict) -> None:

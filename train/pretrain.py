@@ -214,7 +214,7 @@ def train(cfg: dict) -> dict:
     if state is not None:
         step = int(state["step"])
         changes = check_resume(cfg, out, step)
-        lr_before = [g["lr"] for g in state["optimizer"]["param_groups"]][:1]
+        saved_lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]  # the checkpoint's next lrs
         try:
             method.load_state_dict(state["model"])
             load_state_keeping_hyperparameters(optimizer, state["optimizer"])
@@ -224,7 +224,6 @@ def train(cfg: dict) -> dict:
                               "train.out") from None
         position(scheduler, step)  # the new config's schedule, at the resumed step
         lr_ramp = state.get("lr_ramp")  # a ramp still running from an earlier resume goes on
-        saved_lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]
         new_lrs = [g["lr"] for g in optimizer.param_groups]
         if any(k in checkpoint.SCHEDULE_KEYS for k in changes) and len(saved_lrs) == len(new_lrs) and any(
                 abs(a - b) > 0.01 * max(abs(a), abs(b)) for a, b in zip(saved_lrs, new_lrs)):
@@ -232,7 +231,7 @@ def train(cfg: dict) -> dict:
             lr_ramp = dict(start=step, steps=n, start_lrs=saved_lrs) if n > 0 else None
         if lr_ramp is not None and step < lr_ramp["start"] + lr_ramp["steps"]:
             apply_ramp(scheduler, lr_ramp)
-            position(scheduler, step)
+            position(scheduler, step)  # the ramp's lr at the resumed step
         scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
         if len(rngs) == info.world_size:
@@ -256,7 +255,7 @@ def train(cfg: dict) -> dict:
         if changes:
             listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
             metrics.say(f"[pretrain] resuming with a changed config ({listed}); lr at step {step + 1}: "
-                        f"{optimizer.param_groups[0]['lr']:.4g} (the checkpoint's schedule: {lr_before[0]:.4g})")
+                        f"{optimizer.param_groups[0]['lr']:.4g} (the checkpoint's schedule: {saved_lrs[0]:.4g})")
         metrics.event("start", step=step, world_size=info.world_size,
                       restart_count=info.restart_count, resumed=state is not None,
                       changed=sorted(changes))
