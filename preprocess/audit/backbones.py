@@ -252,12 +252,12 @@ def build(backbone: Backbone) -> Network:
     import torch
     if backbone.kind in ("torchvision", "random"):
         import torchvision
-        net = torchvision.models.resnet50(weights=None)
         if backbone.kind == "random":
             with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
                 torch.manual_seed(backbone.init_seed)
                 net = torchvision.models.resnet50(weights=None)
         else:
+            net = torchvision.models.resnet50(weights=None)
             _load(net, backbone.path, "a loadable torchvision ResNet-50 state dict",
                   f"Download it again from {WEIGHTS_URL}.")
         trunk = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
