@@ -56,6 +56,7 @@ class Item:
     source_path: str
     removed: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     notes: list = field(default_factory=list)
+    rgb_is_source: bool = False  # rgb is load_rgb(source) itself (parts), not the shard's JPEG
 
 
 def hash_rank(key: str, seed: int) -> str:
@@ -110,7 +111,7 @@ def items_from_parts(folder: Path, keys: list[str], root: Path | None) -> dict[s
                 r["key"], rgb, np.asarray(r["boxes"], np.float32).reshape(-1, 4),
                 decode_label_png(r["fh_png"]), decode_bitfield_png(r["mcg_png"], r["num_masks"]),
                 None if r["gt_png"] is None else decode_label_png(r["gt_png"]), gt,
-                r["filter_rule"] or "(none)", r["source_path"])
+                r["filter_rule"] or "(none)", r["source_path"], rgb_is_source=rgb is not None)
     return out
 
 
@@ -124,8 +125,8 @@ def add_removed(item: Item, root: Path | None, proposal_params: dict | None) -> 
     if root is None:
         item.notes.append("removed boxes not shown: no dataset root in _job.json")
         return
-    try:
-        rgb = load_rgb(root / item.source_path)
+    try:  # the source's own pixels: reuse them when the item was read from it already
+        rgb = item.rgb if item.rgb_is_source else load_rgb(root / item.source_path)
     except Exception as e:  # best effort: say what is missing
         item.notes.append(f"removed boxes not shown: cannot read {root / item.source_path} ({e})")
         return
