@@ -267,8 +267,10 @@ class DetCo(MomentumEncoderMethod):
             if self.cglc:
                 pairs.update(ll=("q_l", "k_l", "local"), lg=("q_l", "k_g", "global"))
             stage = 0.0
+            # one snapshot a queue kind (gg and lg share the global one); enqueueing comes after the loop
+            negatives = {kind: self.queues[kind][s].keys.clone() for _, _, kind in pairs.values()}
             for term, (q, k, kind) in pairs.items():
-                loss, acc = infonce(e[q][:, i], e[k][:, i], self.queues[kind][s].keys.clone(), self.temperature)
+                loss, acc = infonce(e[q][:, i], e[k][:, i], negatives[kind], self.temperature)
                 stage = stage + loss
                 named[f"{term}_{s}"] = loss.detach()
                 if term == "gg":
