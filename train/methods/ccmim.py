@@ -245,7 +245,7 @@ class CCMIM(Method):
         visible = self.encode(cls, patches, ids_vis)
         pred = self.decoder(visible, ids_restore)
         l_rec = reconstruction_loss(pred, patchify(images, self.patch), mask, self.norm_pix_loss)
-        logs = dict(rec=l_rec.item())
+        logs = dict(rec=l_rec.detach())
         loss = l_rec
         if self.align_weight:
             with torch.no_grad():                                   # keys carry no gradient (see above)
@@ -254,7 +254,8 @@ class CCMIM(Method):
             q = F.normalize(self.projector(visible[:, 0]).float(), dim=1)
             l_align, acc = alignment_loss(q, k, self.temperature)
             loss = loss + self.align_weight * l_align
-            logs.update(align=l_align.item(), acc=acc.item())
+            logs.update(align=l_align.detach(), acc=acc.detach())
+        logs = dict(zip(logs, torch.stack(list(logs.values())).float().tolist()))   # one device sync
         return dict(loss=loss, **logs)
 
 
