@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "learn.json"
 CONFIGS = ROOT / "train" / "configs"
 METHODS = {"mocov2": "mocov2_small_cpu", "detcon_s": "detcon_s_small_cpu", "detcon_b": "detcon_b_small_cpu",
-           "maskco": "maskco_small_cpu", "soco": "soco_small_cpu"}
+           "maskco": "maskco_small_cpu", "soco": "soco_small_cpu", "detco": "detco_small_cpu",
+           "ccmim": "ccmim_small_cpu"}
 BASELINE = "mocov2"
 TARGET = 0.10
 
@@ -64,7 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--extra", default="", help="overrides for every run, e.g. 'train.steps=50'")
     p.add_argument("--target-level", default="res5")
-    p.add_argument("--image-size", type=int, default=None, help="eval letterbox side (default eval.image_size)")
+    p.add_argument("--target-scope", default="crop", choices=("crop", "object"),
+                   help="crop: each box cut out and resized (the issue's object crops); object: RoIAlign")
+    p.add_argument("--image-size", type=int, default=256, help="eval letterbox side: crops are cut from it (256)")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
     from train.evaluate import build_parser, evaluate
@@ -89,10 +92,10 @@ def main(argv=None) -> int:
         summary = evaluate(build_parser().parse_args(eval_args))
         from train.config import load_config
         cfg = load_config(out / "checkpoints" / "config.yaml")
-        obj = find(summary["differences"], scope="object", level=a.target_level, probe="knn")
+        obj = find(summary["differences"], scope=a.target_scope, level=a.target_level, probe="knn")
         row = dict(config=METHODS[name], **run, eval_seconds=summary["seconds"]["total"],
                    settings=summary["settings"], results=summary["results"], differences=summary["differences"],
-                   target=dict(level=a.target_level, diff=obj["diff"], lo=obj["lo"], hi=obj["hi"],
+                   target=dict(scope=a.target_scope, level=a.target_level, diff=obj["diff"], lo=obj["lo"], hi=obj["hi"],
                                met=obj["diff"] >= TARGET))
         if cfg.get("method") == "mocov2":
             k = int(cfg["model"]["queue_size"])
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
             row["loss_below_ln_k_plus_1"] = row["ln_k_plus_1"] - row["final_loss"]
         rows[name] = row
         _write(a, train_shards, test_shards, rows, t_start)   # partial results survive a cut
-        print(f"[bench-learn] {name}: object kNN {a.target_level} pretrained - random {obj['diff']:+.3f} "
+        print(f"[bench-learn] {name}: {a.target_scope} kNN {a.target_level} pretrained - random {obj['diff']:+.3f} "
               f"[{obj['lo']:+.3f}, {obj['hi']:+.3f}] ({'met' if row['target']['met'] else 'NOT met'}), "
               f"{run['steps']} steps, {run['wall_s']:.0f}s wall, {run['cpu_s']:.0f} CPU-s", file=sys.stderr, flush=True)
     _write(a, train_shards, test_shards, rows, t_start)
@@ -113,7 +116,7 @@ def _write(a, train_shards, test_shards, rows: dict, t_start: float) -> None:
     if BASELINE in rows:
         for r in rows.values():
             r["cpu_ratio_to_mocov2"] = r["cpu_s"] / rows[BASELINE]["cpu_s"]
-    doc = dict(bench="learn", target=f"object-crop kNN top-1 >= random init + {TARGET} at {a.target_level} "
+    doc = dict(bench="learn", target=f"{a.target_scope} kNN top-1 >= random init + {TARGET} at {a.target_level} "
                                       "on a sample made with another seed; MoCo v2 loss well below ln(K+1)",
                train_shards=str(train_shards), test_shards=str(test_shards), extra=a.extra,
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(),

@@ -127,6 +127,36 @@ def test_object_features_equal_the_mean_of_the_feature_map_over_an_axis_aligned_
     assert net.training is False               # extract restores the mode it found
 
 
+def test_object_crop_features_equal_the_features_of_the_crop_cut_out_by_hand():
+    """A ramp image (channel 0 = x, channel 1 = y): bilinear sampling of a linear function is
+    exact, so the crop's pixel (i, j) is the ramp at its bin centre, computed here by hand."""
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", width=8, zero_init_residual=False).eval()
+    yy, xx = np.mgrid[0:256, 0:256]
+    images = np.stack([xx, yy, np.full_like(xx, 90)], -1).astype(np.uint8)[None].repeat(2, 0)
+    images[1] = images[1][::-1]                     # the second image ramps the other way in y
+    boxes = [(10, 20, 74, 52), (100.5, 30, 164.5, 126), (40, 40, 72, 72)]
+    size = 32
+    from train.eval.data import to_tensor_batch
+    t = to_tensor_batch(images)
+    by_hand = []
+    for (x1, y1, x2, y2), b in zip(boxes, (0, 1, 1)):
+        u = torch.tensor(x1 + (np.arange(size) + 0.5) * (x2 - x1) / size - 0.5, dtype=torch.float32)
+        v = torch.tensor(y1 + (np.arange(size) + 0.5) * (y2 - y1) / size - 0.5, dtype=torch.float32)
+        img = t[b]
+        ax, bx = img[0, 0, 1] - img[0, 0, 0], img[0, 0, 0]                  # normalised = a * index + b
+        ay, by = img[1, 1, 0] - img[1, 0, 0], img[1, 0, 0]
+        crop = torch.stack([(ax * u + bx)[None, :].expand(size, size), (ay * v + by)[:, None].expand(size, size),
+                            img[2, 0, 0].expand(size, size)])
+        by_hand.append(crop)
+    feats = extract(net, _set(images, boxes, [0, 1, 1], [1, 2, 3]), ["res3", "C5"], batch_size=2, crop_size=size)
+    with torch.no_grad():
+        maps = net.forward_features(torch.stack(by_hand))
+    for lv, real in (("res3", "res3"), ("C5", "res5")):
+        assert torch.allclose(feats["crop"][lv], maps[real].mean((2, 3)), atol=1e-4), lv
+    assert "crop" not in extract(net, _set(images, boxes, [0, 1, 1], [1, 2, 3]), ["res3"])  # off by default
+
+
 def test_letterbox_keeps_the_aspect_and_pads_with_the_mean_colour():
     rgb = np.full((50, 100, 3), 200, np.uint8)
     out, scale = letterbox(rgb, 64)

@@ -45,17 +45,17 @@ def _evaluate(capsys, *args) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
-def test_online_eval_logs_the_object_knn_of_both_branches_every_step_and_at_the_end(tiny_run):
+def test_online_eval_logs_the_object_crop_knn_of_both_branches_every_step_and_at_the_end(tiny_run):
     records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [1, 2]          # the end (step 2) is not evaluated twice
     for r in evals:
-        for key in ("knn_object_res4", "knn_object_res5", "knn_object_res4_target", "knn_object_res5_target"):
+        for key in ("knn_crop_res4", "knn_crop_res5", "knn_crop_res4_target", "knn_crop_res5_target"):
             assert 0.0 <= r[key] <= 1.0, key
         assert r["seconds"] > 0
     steps = [r for r in records if "loss" in r and "event" not in r]
     assert [r["step"] for r in steps] == [1, 2]
-    assert "[eval] step 2: knn_object_res4" in (tiny_run / "train.log").read_text()
+    assert "[eval] step 2: knn_crop_res4" in (tiny_run / "train.log").read_text()
 
 
 def test_online_eval_puts_the_model_back_in_train_mode_and_skips_other_ranks(sample_shards):
@@ -87,11 +87,12 @@ def test_evaluate_writes_a_summary_and_a_page_for_pretrained_and_random(tiny_run
     assert s["schema"] == "regionssl.eval/1" and s["method"] == "mocov2"
     assert s["weights"].endswith("exported/backbone_torchvision.pth") and s["settings"]["k"] == 5
     keys = {(r["scope"], r["level"], r["probe"], r["network"]) for r in s["results"]}
-    assert keys == {(sc, lv, p, n) for sc in ("image", "object") for lv in ("res3", "C5")
+    assert keys == {(sc, lv, p, n) for sc in ("image", "object", "crop") for lv in ("res3", "C5")
                     for p in ("knn", "linear") for n in ("pretrained", "random")}
     for r in s["results"]:
         assert 0 <= r["lo"] <= r["acc"] <= r["hi"] <= 1 and r["n"] > 0
-    assert len(s["differences"]) == 8 and all(d["lo"] <= d["diff"] <= d["hi"] for d in s["differences"])
+    assert s["settings"]["crop_size"] == 64                            # data.image_size of the run
+    assert len(s["differences"]) == 12 and all(d["lo"] <= d["diff"] <= d["hi"] for d in s["differences"])
     assert s["train"]["images"] + s["test"]["images"] == 14              # the split keeps every image
     assert [r["step"] for r in s["online"]] == [1, 2]
     assert "object  C5     knn" in stdout                               # the printed table

@@ -331,6 +331,19 @@ def test_colour_parameters_follow_byol_and_moco_probabilities():
     assert off[0].tolist() == [1, 1, 1, 0] and off[1] == 0 and not off[2]
 
 
+def test_a_named_colour_scheme_replaces_every_views_own_and_a_wrong_name_is_refused():
+    from train.loader.dali_pipeline import draw_colour
+    from train.loader.recipes import Recipe
+    assert {v.colour for v in Recipe("soco").views} == {"byol1", "byol2"}
+    assert {v.colour for v in Recipe("soco", colour="strong").views} == {"strong"}
+    rng = np.random.default_rng(0)
+    twist = np.stack([draw_colour(rng, "strong", True)[0] for _ in range(4000)])
+    assert abs((twist[:, 2] == 0).mean() - 0.5) < 0.03              # grey half the time
+    assert np.abs(twist[:, 3]).max() > 150                             # any hue (0.5 of a turn)
+    with pytest.raises(ValueError, match="colour 'loud' is not a colour scheme.*strong"):
+        Recipe("mocov2", colour="loud")
+
+
 def test_dali_colour_ops_change_pixels_as_drawn(syn_shards):
     """With colour on, about a fifth of the views come out grey (R = G = B)."""
     loader = build_loader("soco", syn_shards, BATCH, backend="dali", seed=4)

@@ -28,7 +28,6 @@ from common.io import atomic_write_text
 from common.paths import shards_dir, work_dir
 
 SCHEMA = "regionssl.eval/1"
-ALL_LEVELS = ("res2", "res3", "res4", "res5")
 
 
 class EvalError(ValueError):
@@ -94,9 +93,13 @@ def eval_settings(cfg: dict, args) -> dict:
     from train.eval import knn
     ev = cfg.get("eval") or {}
     image_size = args.image_size or ev.get("image_size") or get(cfg, "data.image_size") or 224
+    crop_size = args.crop_size if args.crop_size is not None else ev.get("crop_size")
+    if crop_size is None:
+        crop_size = get(cfg, "data.image_size") or 224
     return dict(k=args.k or ev.get("k") or knn.K,
                 temperature=args.temperature or ev.get("temperature") or knn.TEMPERATURE,
-                levels=list(args.levels or ALL_LEVELS), image_size=int(image_size),
+                levels=list(args.levels) if args.levels else None, image_size=int(image_size),
+                crop_size=int(crop_size) or None,
                 batch_size=int(args.batch_size or ev.get("batch_size") or 64),
                 max_samples=args.max_samples or ev.get("max_samples"),
                 test_fraction=float(args.test_fraction or ev.get("test_fraction") or 0.5),
@@ -150,6 +153,8 @@ def evaluate(args) -> dict:
     settings = eval_settings(cfg, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, source = load_backbone(cfg, run_dir, args.checkpoint, args.target)
+    if settings["levels"] is None:   # every level the backbone has (res2..res5; a ViT's tokens)
+        settings["levels"] = [f["name"] for f in backbone.feature_info]
     try:
         resolve_levels(backbone, settings["levels"])
     except ValueError as e:
@@ -162,6 +167,7 @@ def evaluate(args) -> dict:
     networks = {"pretrained": backbone.to(device), "random": random.to(device)}
     out = run_probes(networks, train, test, settings["levels"], k=settings["k"],
                      temperature=settings["temperature"], batch_size=settings["batch_size"], device=device,
+                     crop_size=settings["crop_size"],
                      say=lambda s: print(s, file=sys.stderr, flush=True))
     name = args.name or (run_dir.name + ("_target" if args.target else ""))
     summary = dict(schema=SCHEMA, name=name, run=str(run_dir), method=cfg.get("method"),
@@ -203,10 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", help="labelled shards folder of the test items (else a split of --train)")
     p.add_argument("--checkpoint", action="store_true", help="use checkpoints/last.pt, not the export")
     p.add_argument("--target", action="store_true", help="with --checkpoint: the momentum/EMA branch")
-    p.add_argument("--levels", nargs="+", help=f"feature levels (default {' '.join(ALL_LEVELS)}; C4, C5 alias res4, res5)")
+    p.add_argument("--levels", nargs="+", help="feature levels (default: every level of the backbone, res2..res5 for a ResNet, "
+                   "tokens for a ViT; C4, C5 alias res4, res5)")
     p.add_argument("--k", type=int, help="kNN neighbours (default eval.k or 20)")
     p.add_argument("--temperature", type=float, help="kNN vote temperature (default eval.temperature or 0.07)")
     p.add_argument("--image-size", type=int, help="letterbox side in px (default eval.image_size, data.image_size, 224)")
+    p.add_argument("--crop-size", type=int, help="side of the object crops of the crop probe (default "
+                   "eval.crop_size, data.image_size, 224; 0 = no crop probe)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
     p.add_argument("--max-samples", type=int, help="read at most N samples per dataset")
     p.add_argument("--test-fraction", type=float, help="share of keys in the test split (default 0.5)")

@@ -91,6 +91,8 @@ class EvalConfig:                        # online evaluation (issue 11 reads it;
     target: bool = True                  # also evaluate the target/momentum branch
     max_samples: int | None = None       # null = all
     image_size: int | None = None        # null = data.image_size or 224
+    crop_size: int | None = None         # object crops' side (crop probe); null = data.image_size, 0 = off
+    scope: str = "crop"                  # what the online kNN classifies: crop | object (RoIAlign)
     batch_size: int = 64
 
 

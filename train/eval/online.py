@@ -1,5 +1,7 @@
 """Online evaluation while pretraining: the object-crop kNN of the backbone every
 `eval.every` steps and at the end, as a trainer callback (train/callbacks.py).
+`eval.scope` says which object features: `crop` (default; each box cut out and resized to
+`eval.crop_size`, null = data.image_size) or `object` (RoIAlign of the image's maps).
 
 Config (section `eval`, docs/interfaces.md "Session 10 contracts"): `every`, `train`
 (labelled shards: the kNN memory bank; null = data.shards), `test` (null = a split of
@@ -8,7 +10,7 @@ Config (section `eval`, docs/interfaces.md "Session 10 contracts"): `every`, `tr
 `image_size` (null = data.image_size or 224), `batch_size`.
 
 Runs on rank 0 only (the other ranks go on; they never wait for it). Each evaluation
-records `{"event": "eval", "step", "knn_object_<level>"[, "knn_object_<level>_target"],
+records `{"event": "eval", "step", "knn_<scope>_<level>"[, "knn_<scope>_<level>_target"],
 "seconds"}` through ctx.metrics.record (metrics.jsonl and TensorBoard `eval/...`). The
 networks go back to their train/eval mode afterwards and no global RNG is consumed, so a
 run with online eval trains exactly as one without."""
@@ -39,6 +41,15 @@ class OnlineEval(Callback):
         self.max_samples = ev.get("max_samples")
         self.image_size = int(ev.get("image_size") or data.get("image_size") or 224)
         self.batch_size = int(ev.get("batch_size") or 64)
+        self.scope = ev.get("scope") or "crop"
+        if self.scope not in ("crop", "object"):
+            from train.config import ConfigError
+            raise ConfigError(f"eval.scope: {self.scope!r} is not a scope; choose crop or object")
+        crop = ev.get("crop_size")
+        self.crop_size = int(data.get("image_size") or 224) if crop is None else int(crop)
+        if self.scope == "crop" and not self.crop_size:
+            from train.config import ConfigError
+            raise ConfigError("eval.crop_size=0 turns the crop probe off; set eval.scope=object or a crop size")
         self._data = None
         self._last = -1
 
@@ -75,11 +86,12 @@ class OnlineEval(Callback):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for suffix, net in self._branches(ctx.method).items():
                 resolve_levels(net, self.levels)
-                ftr = extract(net, train, self.levels, self.batch_size, device)["object"]
-                fte = extract(net, test, self.levels, self.batch_size, device)["object"]
+                crop = self.crop_size if self.scope == "crop" else None
+                ftr = extract(net, train, self.levels, self.batch_size, device, crop)[self.scope]
+                fte = extract(net, test, self.levels, self.batch_size, device, crop)[self.scope]
                 for lv in self.levels:
                     pred = knn.knn_predict(ftr[lv], ytr, fte[lv], self.k, self.temperature)
-                    values[f"knn_object_{lv}{suffix}"] = float((pred == yte).double().mean())
+                    values[f"knn_{self.scope}_{lv}{suffix}"] = float((pred == yte).double().mean())
         values["seconds"] = time.perf_counter() - t0
         return values
 

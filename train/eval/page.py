@@ -133,7 +133,9 @@ def render(summary: dict) -> str:
     env = Environment(autoescape=select_autoescape(default=True))
     scopes = []
     networks, compared = [], []
-    for scope, title in (("object", "Object level: RoIAlign over ground-truth boxes, label = category"),
+    for scope, title in (("crop", "Object crops: each ground-truth box cut out and resized, through the network, "
+                                  "label = category"),
+                         ("object", "Object level: RoIAlign over ground-truth boxes, label = category"),
                          ("image", "Image level: pooled feature maps, label = image class")):
         rows, networks_, compared_ = page_rows(summary, scope)
         if rows:

@@ -1,7 +1,8 @@
 """Every probe for a set of networks on one train/test pair, with bootstrap CIs.
 
 For each scope (image: pooled maps, label per image; object: RoIAlign over ground-truth
-boxes, label per box), each level and each probe (kNN, linear), the accuracy of every
+boxes, label per box; crop: each box cut out and resized to `crop_size`, then through the
+network, label per box -- skipped when crop_size is None), each level and each probe (kNN, linear), the accuracy of every
 network, and the paired difference of each network against the `baseline` (random init)
 over the same test items."""
 from __future__ import annotations
@@ -16,7 +17,7 @@ from train.eval import bootstrap, knn, linear
 from train.eval.data import LabelledSet
 from train.eval.features import extract
 
-SCOPES = ("image", "object")
+SCOPES = ("image", "object", "crop")
 PROBES = ("knn", "linear")
 
 
@@ -48,17 +49,20 @@ def predict(probe: str, train_x, train_y, test_x, k: int, temperature: float) ->
 
 def run_probes(networks: dict[str, nn.Module], train: LabelledSet, test: LabelledSet, levels,
                k: int = knn.K, temperature: float = knn.TEMPERATURE, probes=PROBES, scopes=SCOPES,
-               baseline: str = "random", batch_size: int = 64, device="cpu", say=print) -> dict:
+               baseline: str = "random", batch_size: int = 64, device="cpu", say=print,
+               crop_size: int | None = None) -> dict:
     """{"results": [row], "differences": [row], "seconds": {...}}.
 
     result row: scope, level, probe, network, acc, lo, hi, n; difference row: scope, level,
     probe, network, baseline, diff, lo, hi, n."""
     seconds = {}
     feats = {}
+    scopes = [s for s in scopes if s != "crop" or crop_size]
+    crop_size = crop_size if "crop" in scopes else None
     for name, net in networks.items():
         t0 = time.perf_counter()
-        feats[name] = (extract(net, train, levels, batch_size, device),
-                       extract(net, test, levels, batch_size, device))
+        feats[name] = (extract(net, train, levels, batch_size, device, crop_size),
+                       extract(net, test, levels, batch_size, device, crop_size))
         seconds[f"features_{name}"] = time.perf_counter() - t0
     results, differences = [], []
     t0 = time.perf_counter()

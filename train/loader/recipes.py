@@ -30,6 +30,9 @@ COLOUR = {
     "byol1": dict(jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=1.0, p_solarize=0.0),
     "byol2": dict(jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.1, p_solarize=0.2),
     "moco": dict(jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, p_solarize=0.0),
+    # ours, for the synthetic sample (README "Evaluation"): its shapes' colours are drawn at
+    # random, so colour must carry no identity -- any hue, strong saturation, grey half the time
+    "strong": dict(jitter=(0.4, 0.4, 0.8, 0.5), p_jitter=1.0, p_gray=0.5, p_blur=0.5, p_solarize=0.0),
 }
 
 
@@ -108,6 +111,13 @@ class Recipe:
         self.name, self.cfg = name, cfg
         self.check()
         self.views = self.view_specs()
+        scheme = cfg.get("colour")
+        if isinstance(scheme, str):  # `colour: <scheme>` replaces every view's own scheme
+            if scheme not in COLOUR:
+                raise ValueError(f"recipe {name!r}: colour {scheme!r} is not a colour scheme; "
+                                 f"choose true, false or one of {sorted(COLOUR)}")
+            for v in self.views:
+                v.colour = scheme
         self.mask_views = dict(self.MASK_VIEWS)
 
     def check(self) -> None:
