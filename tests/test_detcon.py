@@ -341,5 +341,7 @@ def test_detcon_s_shares_one_encoder_and_trains_through_both_views():
         model(batch)["loss"].backward()
         grads.append(batch[view].grad.abs().sum().item())
     assert min(grads) > 0
+    with pytest.raises(NotImplementedError, match="no EMA target"):   # what export/eval catch
+        model.export_modules(target=True)
     with pytest.raises(ValueError, match="variant"):
         _detcon("x")

@@ -152,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     _, method = build_method(cfg)
     method.load_state_dict(checkpoint.load(ckpt)["model"])
     formats = args.formats.split(",") if args.formats else cfg["export"]["formats"]
-    paths = export_method(method, Path(args.out) if args.out else ckpt.parent.parent / "exported", args.target,
-                          formats, cfg=cfg)
+    try:
+        paths = export_method(method, Path(args.out) if args.out else ckpt.parent.parent / "exported", args.target,
+                              formats, cfg=cfg)
+    except NotImplementedError as e:   # --target on a method without a target network
+        parser.error(f"--target: {e}; drop --target")
     for kind, p in paths.items():
         print(f"[export] {kind}: {p}", file=sys.stderr)
     return 0

@@ -73,7 +73,7 @@ class OnlineEval(Callback):
         if self.target:
             try:
                 nets["_target"] = method.export_modules(target=True)["backbone"]
-            except (NotImplementedError, ValueError):  # no target branch (DetCon-S raises ValueError today)
+            except NotImplementedError:  # no target branch (DetCon-S, MoCo-free methods)
                 pass
         return nets
 

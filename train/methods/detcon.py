@@ -237,7 +237,7 @@ class DetCon(Method):
 
     def export_modules(self, target: bool = False) -> dict[str, nn.Module]:
         if target and self.variant != "b":
-            raise ValueError("DetCon-S has no EMA target network: export with export.target=false")
+            raise NotImplementedError("DetCon-S has no EMA target network: export with export.target=false")
         return {"backbone": self.target_backbone if target else self.backbone}
 
     def _embed(self, backbone, projector, feature_map, cells, ids) -> torch.Tensor:
