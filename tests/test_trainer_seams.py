@@ -52,7 +52,8 @@ def test_every_shipped_config_validates_and_holds_every_section_with_the_contrac
         assert set(cfg) == {"method", "model", "data", "optim", "train", "export", "eval", "debug"}, path
     cfg = load_config(CONFIGS / "soco_r50_fpn.yaml")
     assert cfg["eval"] == dict(every=0, train=None, test=None, test_fraction=0.5, k=20, temperature=0.07,
-                               levels=["res5"], target=True, max_samples=None, image_size=None, batch_size=64)
+                               levels=["res5"], target=True, max_samples=None, image_size=None, crop_size=None,
+                               scope="crop", batch_size=64)
     assert cfg["data"]["max_bad_samples"] == 0 and cfg["train"]["resume"] == "auto"
 
 

@@ -219,7 +219,10 @@ class CCMIM(Method):
         if tuple(images.shape[-2:]) != size:
             raise ValueError(f"images are {tuple(images.shape[-2:])} but the ViT was built for {size}: "
                              "set model.backbone_options.img_size to data.image_size")
-        patches = vit.patch_embed(images) + vit.pos_embed[:, 1:]
+        patches = vit.patch_embed(images)
+        if patches.ndim == 4:   # timm's dynamic_img_size keeps the grid: [B, H, W, D] -> [B, L, D]
+            patches = patches.flatten(1, 2)
+        patches = patches + vit.pos_embed[:, 1:]
         cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(len(images), -1, -1)
         return cls, patches
 
