@@ -96,20 +96,20 @@ eval: setup
 	@test -n "$(RUN)" || { echo "make eval: set RUN=work/pretrain/<name> (a run folder of make pretrain)" >&2; exit 2; }
 	$(PY) -m train.evaluate "$(RUN)" $(if $(EVAL_DATASET),--dataset $(EVAL_DATASET)) $(EVAL_ARGS)
 
-# Does every small recipe learn? (issue 11) Builds a 256-image training sample (seed 0) and a
-# 128-image test sample (seed 1) under $(WORK_DIR) once, pretrains each method, probes it
-# against random init -> bench/results/learn.json. Long (~15-20 min on 2 idle cores).
-LEARN_TRAIN_ARGS ?= --scene 192 --object 64 --seed 0
+# Does every small recipe learn? (issue 11) Builds a 384-image training sample (seed 0, half of
+# it object-centric) and a 128-image test sample (seed 1) under $(WORK_DIR) once, pretrains each
+# method, probes it against random init -> bench/results/learn.json. Long (~55 min on 2 idle cores).
+LEARN_TRAIN_ARGS ?= --scene 192 --object 192 --seed 0
 LEARN_TEST_ARGS ?= --scene 96 --object 32 --seed 1
 bench-learn: setup
-	@for spec in "sample_learn|$(LEARN_TRAIN_ARGS)" "sample_eval|$(LEARN_TEST_ARGS)"; do \
+	@for spec in "sample_learn384|$(LEARN_TRAIN_ARGS)" "sample_eval|$(LEARN_TEST_ARGS)"; do \
 	  name=$${spec%%|*}; args=$${spec#*|}; \
 	  test -f $(WORK_DIR)/$$name/shards/manifest.json && continue; \
 	  $(PY) -m preprocess.sample --out $(WORK_DIR)/$$name/raw $$args && \
 	  $(PY) -m preprocess.job --dataset sample --root $(WORK_DIR)/$$name/raw --name $$name && \
 	  $(PY) -m shards.write --dataset $$name || exit 1; \
 	done
-	$(PY) -m bench.learn --train-shards $(WORK_DIR)/sample_learn/shards \
+	$(PY) -m bench.learn --train-shards $(WORK_DIR)/sample_learn384/shards \
 	  --test-shards $(WORK_DIR)/sample_eval/shards $(BENCH_LEARN_ARGS)
 
 bench: bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods

@@ -11,7 +11,7 @@ wall and CPU seconds are recorded, with ratios to MoCo v2's run in the same benc
 Writes bench/results/learn.json.
 
     python -m bench.learn [--train-shards W/sample/shards] [--test-shards W/sample_eval/shards]
-                          [--methods soco mocov2 ...] [--extra 'train.steps=50'] [--out ...]"""
+                          [--methods soco mocov2 ...] [--extra 'train.steps=50'] [--out ...] [--merge]"""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
                    help="crop: each box cut out and resized (the issue's object crops); object: RoIAlign")
     p.add_argument("--image-size", type=int, default=256, help="eval letterbox side: crops are cut from it (256)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other methods' rows already in --out (rerun some methods only)")
     a = p.parse_args(argv)
     from train.evaluate import build_parser, evaluate
     from train.eval.probes import find
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
                              "(or run make sample/proposals/shards for them)")
     runs = work_dir() / "bench_learn"
     rows, t_start = {}, time.perf_counter()
+    if a.merge and Path(a.out).is_file():
+        rows = {k: v for k, v in json.loads(Path(a.out).read_text()).get("methods", {}).items()
+                if k not in a.methods}
     for i, name in enumerate(a.methods):
         print(f"[bench-learn] {i + 1}/{len(a.methods)} {name}: pretraining", file=sys.stderr, flush=True)
         out = runs / name
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
         from train.config import load_config
         cfg = load_config(out / "checkpoints" / "config.yaml")
         obj = find(summary["differences"], scope=a.target_scope, level=a.target_level, probe="knn")
-        row = dict(config=METHODS[name], **run, eval_seconds=summary["seconds"]["total"],
+        row = dict(config=METHODS[name], overrides=a.extra, **run, eval_seconds=summary["seconds"]["total"],
                    settings=summary["settings"], results=summary["results"], differences=summary["differences"],
                    target=dict(scope=a.target_scope, level=a.target_level, diff=obj["diff"], lo=obj["lo"], hi=obj["hi"],
                                met=obj["diff"] >= TARGET))
