@@ -112,7 +112,7 @@ def main(argv=None) -> int:
               f"[{obj['lo']:+.3f}, {obj['hi']:+.3f}] ({'met' if row['target']['met'] else 'NOT met'}), "
               f"{run['steps']} steps, {run['wall_s']:.0f}s wall, {run['cpu_s']:.0f} CPU-s", file=sys.stderr, flush=True)
     _write(a, train_shards, test_shards, rows, t_start)
-    met = sum(r["target"]["met"] for r in rows.values())
+    met = sum(r["target"]["met"] for r in rows.values() if "target" in r)
     print(f"[bench-learn] done: target met by {met}/{len(rows)} method(s); {a.out}", file=sys.stderr, flush=True)
     return 0
 
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
 def _write(a, train_shards, test_shards, rows: dict, t_start: float) -> None:
     if BASELINE in rows:
         for r in rows.values():
-            r["cpu_ratio_to_mocov2"] = r["cpu_s"] / rows[BASELINE]["cpu_s"]
+            if "cpu_s" in r:
+                r["cpu_ratio_to_mocov2"] = r["cpu_s"] / rows[BASELINE]["cpu_s"]
     doc = dict(bench="learn", target=f"{a.target_scope} kNN top-1 >= random init + {TARGET} at {a.target_level} "
                                       "on a sample made with another seed; MoCo v2 loss well below ln(K+1)",
                train_shards=str(train_shards), test_shards=str(test_shards), extra=a.extra,

@@ -1,0 +1,34 @@
+"""`make bench-learn` end to end on the tiny sample (2 training steps: this checks the bench's
+plumbing, not that anything learns -- bench/results/learn.json holds the real run): the real
+trainer as a subprocess, the crop-probe target against random init, MoCo v2's ln(K+1), and
+--merge keeping the other methods' rows."""
+from __future__ import annotations
+
+import json
+import math
+
+from bench import learn
+
+
+def test_bench_learn_trains_probes_against_random_and_merges_rows(sample_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "learn.json"
+    out.write_text(json.dumps({"methods": {"soco": {"kept": True}, "mocov2": {"stale": True}}}))
+    extra = ("train.steps=2 data.batch_size=4 model.queue_size=8 train.checkpoint_every=2 "
+             "eval.every=0 train.log_every=1")
+    assert learn.main(["--train-shards", str(sample_shards), "--test-shards", str(sample_shards),
+                       "--methods", "mocov2", "--extra", extra, "--image-size", "64", "--out", str(out),
+                       "--merge"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["methods"]["soco"] == {"kept": True}                 # --merge keeps the other rows
+    row = doc["methods"]["mocov2"]
+    assert "stale" not in row and row["steps"] == 2 and row["overrides"] == extra
+    assert row["target"]["scope"] == "crop" and row["target"]["level"] == "res5"
+    assert row["target"]["lo"] <= row["target"]["diff"] <= row["target"]["hi"]
+    assert row["target"]["met"] == (row["target"]["diff"] >= learn.TARGET)
+    assert row["ln_k_plus_1"] == math.log(9)
+    scopes = {r["scope"] for r in row["results"]}
+    assert scopes == {"image", "object", "crop"}
+    assert {r["network"] for r in row["results"]} == {"pretrained", "random"}
+    assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["cpu_ratio_to_mocov2"] == 1.0
