@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--test-shards", default=None, help="default WORK_DIR/sample_eval/shards (another seed)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--extra", default="", help="overrides for every run, e.g. 'train.steps=50'")
-    p.add_argument("--target-level", default="res5")
+    p.add_argument("--target-level", default="res5",
+                   help="level of the target (a backbone without it, e.g. a ViT: its last level)")
     p.add_argument("--target-scope", default="crop", choices=("crop", "object"),
                    help="crop: each box cut out and resized (the issue's object crops); object: RoIAlign")
     p.add_argument("--image-size", type=int, default=256, help="eval letterbox side: crops are cut from it (256)")
@@ -97,10 +98,11 @@ def main(argv=None) -> int:
         summary = evaluate(build_parser().parse_args(eval_args))
         from train.config import load_config
         cfg = load_config(out / "checkpoints" / "config.yaml")
-        obj = find(summary["differences"], scope=a.target_scope, level=a.target_level, probe="knn")
+        level = a.target_level if a.target_level in summary["settings"]["levels"] else summary["settings"]["levels"][-1]
+        obj = find(summary["differences"], scope=a.target_scope, level=level, probe="knn")
         row = dict(config=METHODS[name], overrides=a.extra, **run, eval_seconds=summary["seconds"]["total"],
                    settings=summary["settings"], results=summary["results"], differences=summary["differences"],
-                   target=dict(scope=a.target_scope, level=a.target_level, diff=obj["diff"], lo=obj["lo"], hi=obj["hi"],
+                   target=dict(scope=a.target_scope, level=level, diff=obj["diff"], lo=obj["lo"], hi=obj["hi"],
                                met=obj["diff"] >= TARGET))
         if cfg.get("method") == "mocov2":
             k = int(cfg["model"]["queue_size"])
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
             row["loss_below_ln_k_plus_1"] = row["ln_k_plus_1"] - row["final_loss"]
         rows[name] = row
         _write(a, train_shards, test_shards, rows, t_start)   # partial results survive a cut
-        print(f"[bench-learn] {name}: {a.target_scope} kNN {a.target_level} pretrained - random {obj['diff']:+.3f} "
+        print(f"[bench-learn] {name}: {a.target_scope} kNN {level} pretrained - random {obj['diff']:+.3f} "
               f"[{obj['lo']:+.3f}, {obj['hi']:+.3f}] ({'met' if row['target']['met'] else 'NOT met'}), "
               f"{run['steps']} steps, {run['wall_s']:.0f}s wall, {run['cpu_s']:.0f} CPU-s", file=sys.stderr, flush=True)
     _write(a, train_shards, test_shards, rows, t_start)

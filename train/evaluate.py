@@ -52,6 +52,9 @@ def load_run_config(run_dir: Path) -> dict:
     return load_config(run_dir / "checkpoints" / "config.yaml")
 
 
+EXPORT_FILES = {"torchvision": "backbone_torchvision.pth", "timm": "backbone_timm.pth"}   # train/export.py
+
+
 def load_backbone(cfg: dict, run_dir: Path, checkpoint: bool = False, target: bool = False):
     """(backbone, description) of the run's trained weights."""
     from train.methods import build_method
@@ -72,15 +75,17 @@ def load_backbone(cfg: dict, run_dir: Path, checkpoint: bool = False, target: bo
             raise EvalError(f"--target: method {cfg.get('method')!r} has no target network; "
                             "drop --target") from None
         return modules["backbone"], f"{path} ({'target' if target else 'online'})"
-    path = run_dir / "exported" / "backbone_torchvision.pth"
+    _, method = build_method(cfg)
+    backbone = method.export_modules()["backbone"]
+    fmt = next((f for f in getattr(backbone, "export_formats", ()) if f in EXPORT_FILES), "torchvision")
+    path = run_dir / "exported" / EXPORT_FILES[fmt]
     if not path.is_file():
         raise EvalError(f"{path} not found: the run was not exported; run python -m train.export "
                         f"--checkpoint {run_dir / 'checkpoints' / 'last.pt'}, or evaluate the "
                         "checkpoint with --checkpoint (EVAL_ARGS=--checkpoint)")
-    _, method = build_method(cfg)
-    backbone = method.export_modules()["backbone"]
     state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    load = getattr(backbone, f"load_{fmt}_state_dict", backbone.load_state_dict)   # ViT: timm's names
+    missing, unexpected = load(state, strict=False)
     if missing or unexpected:
         raise EvalError(f"{path} does not match the architecture in {run_dir / 'checkpoints' / 'config.yaml'} "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-export the run")

@@ -50,5 +50,9 @@ class ViT(nn.Module):
         tokens = set(self.vit.no_weight_decay())
         return {f"vit.{n}" for n, p in self.vit.named_parameters() if n in tokens or p.ndim <= 1}
 
+    def load_timm_state_dict(self, state: dict, strict: bool = False):
+        """Load an export written by `timm_state_dict` (train/evaluate.py reads exports back)."""
+        return self.vit.load_state_dict(state, strict=strict)
+
     def timm_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.vit.state_dict().items()}
