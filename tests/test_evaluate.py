@@ -145,6 +145,25 @@ def test_a_run_without_export_says_how_to_export_or_use_the_checkpoint(tiny_run,
     assert json.loads((tmp_path / "ckpt" / "summary.json").read_text())["weights"].endswith("last.pt (target)")
 
 
+def test_a_vit_run_is_evaluated_from_its_timm_export_at_its_tokens_level(sample_shards, tmp_path, capsys):
+    """ccMIM's tiny ViT (random init, 2 steps): the export is backbone_timm.pth, the levels
+    default to the backbone's own (`tokens`), and the exported weights are the ones probed."""
+    out = tmp_path / "ccmim_tiny"
+    train(load_config(CONFIGS / "ccmim_small_cpu.yaml", [f"data.shards={sample_shards}", f"train.out={out}",
+                                                          "data.batch_size=4", "train.steps=2",
+                                                          "train.checkpoint_every=2", "train.tensorboard=false"]))
+    code, _, err = _evaluate(capsys, out, "--train", sample_shards, "--image-size", "96", "--k", "5",
+                             "--out", tmp_path / "eval")
+    assert code == 0, err
+    s = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert s["weights"].endswith("exported/backbone_timm.pth") and s["settings"]["levels"] == ["tokens"]
+    assert {r["scope"] for r in s["results"]} == {"image", "object", "crop"}
+    from train.evaluate import load_backbone
+    net, _ = load_backbone(load_config(out / "checkpoints" / "config.yaml"), out)
+    exported = torch.load(out / "exported" / "backbone_timm.pth", weights_only=True)
+    assert all(torch.equal(net.vit.state_dict()[k], v) for k, v in exported.items())
+
+
 def test_shards_without_labels_are_one_message_with_the_fix(tiny_run, sample_parts, tmp_path, capsys):
     from common.paths import proposals_dir
     from shards.write import PackParams, write_shards
