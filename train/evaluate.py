@@ -52,11 +52,9 @@ def load_run_config(run_dir: Path) -> dict:
     return load_config(run_dir / "checkpoints" / "config.yaml")
 
 
-EXPORT_FILES = {"torchvision": "backbone_torchvision.pth", "timm": "backbone_timm.pth"}   # train/export.py
-
-
 def load_backbone(cfg: dict, run_dir: Path, checkpoint: bool = False, target: bool = False):
     """(backbone, description) of the run's trained weights."""
+    from train.export import BACKBONE_FILES
     from train.methods import build_method
     if target and not checkpoint:
         raise EvalError("--target needs --checkpoint: the export holds one branch only "
@@ -77,8 +75,8 @@ def load_backbone(cfg: dict, run_dir: Path, checkpoint: bool = False, target: bo
         return modules["backbone"], f"{path} ({'target' if target else 'online'})"
     _, method = build_method(cfg)
     backbone = method.export_modules()["backbone"]
-    fmt = next((f for f in getattr(backbone, "export_formats", ()) if f in EXPORT_FILES), "torchvision")
-    path = run_dir / "exported" / EXPORT_FILES[fmt]
+    fmt = next((f for f in getattr(backbone, "export_formats", ()) if f in BACKBONE_FILES), "torchvision")
+    path = run_dir / "exported" / BACKBONE_FILES[fmt]
     if not path.is_file():
         raise EvalError(f"{path} not found: the run was not exported; run python -m train.export "
                         f"--checkpoint {run_dir / 'checkpoints' / 'last.pt'}, or evaluate the "
@@ -98,13 +96,11 @@ def eval_settings(cfg: dict, args) -> dict:
     from train.eval import knn
     ev = cfg.get("eval") or {}
     image_size = args.image_size or ev.get("image_size") or get(cfg, "data.image_size") or 224
-    crop_size = args.crop_size if args.crop_size is not None else ev.get("crop_size")
-    if crop_size is None:
-        crop_size = get(cfg, "data.image_size") or 224
+    from train.eval.features import crop_size_of
     return dict(k=args.k or ev.get("k") or knn.K,
                 temperature=args.temperature or ev.get("temperature") or knn.TEMPERATURE,
                 levels=list(args.levels) if args.levels else None, image_size=int(image_size),
-                crop_size=int(crop_size) or None,
+                crop_size=crop_size_of(cfg, args.crop_size) or None,
                 batch_size=int(args.batch_size or ev.get("batch_size") or 64),
                 max_samples=args.max_samples or ev.get("max_samples"),
                 test_fraction=float(args.test_fraction or ev.get("test_fraction") or 0.5),

@@ -84,8 +84,12 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+# the backbone weight file of each format (train/evaluate.py reads them back)
+BACKBONE_FILES = {"torchvision": "backbone_torchvision.pth", "timm": "backbone_timm.pth"}
+
+
 def _write_torchvision(modules: dict, out_dir: Path) -> Path:
-    path = out_dir / "backbone_torchvision.pth"
+    path = out_dir / BACKBONE_FILES["torchvision"]
     atomic_write_bytes(path, _torch_bytes(torchvision_state_dict(modules["backbone"])))
     return path
 
@@ -98,7 +102,7 @@ def _write_detectron2(modules: dict, out_dir: Path) -> Path:
 
 def _write_timm(modules: dict, out_dir: Path) -> Path:
     backbone = modules["backbone"]
-    path = out_dir / "backbone_timm.pth"
+    path = out_dir / BACKBONE_FILES["timm"]
     atomic_write_bytes(path, _torch_bytes(backbone.timm_state_dict()))
     atomic_write_text(out_dir / "backbone_timm.json", json.dumps(
         {"name": backbone.timm_name, "kwargs": backbone.timm_options, "num_classes": 0,

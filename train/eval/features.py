@@ -6,8 +6,9 @@ of each map over the ground-truth boxes, averaged over its bins, so a box's feat
 the mean of the map over the box. Crop level (`crop_size` set): each ground-truth box
 cut out of the (normalised, letterboxed) image by RoIAlign at `crop_size` x `crop_size`
 pixels -- the object on its own, at the size the network was trained on -- through the
-backbone, each map averaged; this is the "object crop" of issue 11. Level names follow the backbone's `feature_info`
-("res2".."res5" for a ResNet) plus the aliases "C4" = res4 and "C5" = res5.
+backbone, each map averaged; this is the "object crop" of issue 11. Level names follow
+the backbone's `feature_info` ("res2".."res5" for a ResNet) plus the aliases "C4" = res4
+and "C5" = res5.
 
 The network runs in eval mode under torch.no_grad, with bf16 autocast on CUDA (fp32 on
 CPU); features come back as float32 CPU tensors."""
@@ -55,6 +56,16 @@ def box_features(fmap: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Ten
     pooled = roi_align(fmap, rois, output_size=output_size, spatial_scale=1.0 / stride,
                        sampling_ratio=sampling, aligned=True)
     return pooled.mean((2, 3))
+
+
+def crop_size_of(cfg: dict, override: int | None = None) -> int:
+    """The crop probe's side: `override`, else `eval.crop_size`, else the run's
+    `data.image_size` (the view size it trained on), else 224; 0 = no crop probe."""
+    if override is None:
+        override = (cfg.get("eval") or {}).get("crop_size")
+    if override is None:
+        override = (cfg.get("data") or {}).get("image_size") or 224
+    return int(override)
 
 
 def crop_boxes(x: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor, size: int) -> torch.Tensor:

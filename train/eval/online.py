@@ -23,7 +23,7 @@ import torch
 from train.callbacks import Callback, TrainContext
 from train.eval import knn
 from train.eval.data import load_labelled, split_by_key
-from train.eval.features import extract, resolve_levels
+from train.eval.features import crop_size_of, extract, resolve_levels
 
 
 class OnlineEval(Callback):
@@ -45,8 +45,7 @@ class OnlineEval(Callback):
         if self.scope not in ("crop", "object"):
             from train.config import ConfigError
             raise ConfigError(f"eval.scope: {self.scope!r} is not a scope; choose crop or object")
-        crop = ev.get("crop_size")
-        self.crop_size = int(data.get("image_size") or 224) if crop is None else int(crop)
+        self.crop_size = crop_size_of(cfg)
         if self.scope == "crop" and not self.crop_size:
             from train.config import ConfigError
             raise ConfigError("eval.crop_size=0 turns the crop probe off; set eval.scope=object or a crop size")

@@ -2,9 +2,9 @@
 
 For each scope (image: pooled maps, label per image; object: RoIAlign over ground-truth
 boxes, label per box; crop: each box cut out and resized to `crop_size`, then through the
-network, label per box -- skipped when crop_size is None), each level and each probe (kNN, linear), the accuracy of every
-network, and the paired difference of each network against the `baseline` (random init)
-over the same test items."""
+network, label per box -- skipped when crop_size is None), each level and each probe (kNN,
+linear), the accuracy of every network, and the paired difference of each network against
+the `baseline` (random init) over the same test items."""
 from __future__ import annotations
 
 import time
