@@ -98,7 +98,8 @@ def main(argv=None) -> int:
         summary = evaluate(build_parser().parse_args(eval_args))
         from train.config import load_config
         cfg = load_config(out / "checkpoints" / "config.yaml")
-        level = a.target_level if a.target_level in summary["settings"]["levels"] else summary["settings"]["levels"][-1]
+        levels = summary["settings"]["levels"]
+        level = a.target_level if a.target_level in levels else levels[-1]
         obj = find(summary["differences"], scope=a.target_scope, level=level, probe="knn")
         row = dict(config=METHODS[name], overrides=a.extra, **run, eval_seconds=summary["seconds"]["total"],
                    settings=summary["settings"], results=summary["results"], differences=summary["differences"],

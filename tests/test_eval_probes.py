@@ -155,6 +155,8 @@ def test_object_crop_features_equal_the_features_of_the_crop_cut_out_by_hand():
     for lv, real in (("res3", "res3"), ("C5", "res5")):
         assert torch.allclose(feats["crop"][lv], maps[real].mean((2, 3)), atol=1e-4), lv
     assert "crop" not in extract(net, _set(images, boxes, [0, 1, 1], [1, 2, 3]), ["res3"])  # off by default
+    only = extract(net, _set(images, boxes, [0, 1, 1], [1, 2, 3]), ["res3"], crop_size=size, whole=False)
+    assert set(only) == {"crop"} and torch.allclose(only["crop"]["res3"], feats["crop"]["res3"])
 
 
 def test_letterbox_keeps_the_aspect_and_pads_with_the_mean_colour():

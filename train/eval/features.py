@@ -85,9 +85,10 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def extract(backbone: nn.Module, data: LabelledSet, levels, batch_size: int = 64,
-            device: torch.device | str = "cpu", crop_size: int | None = None) -> dict:
+            device: torch.device | str = "cpu", crop_size: int | None = None, whole: bool = True) -> dict:
     """{"image": {level: [N,C]}, "object": {level: [M,C]}[, "crop": {level: [M,C]}]} float32
-    CPU tensors ("crop" when `crop_size` is set).
+    CPU tensors ("crop" when `crop_size` is set; `whole=False` skips the whole-image forward
+    and returns "crop" only).
 
     The backbone's train/eval mode is restored afterwards."""
     device = torch.device(device)
@@ -108,12 +109,13 @@ def extract(backbone: nn.Module, data: LabelledSet, levels, batch_size: int = 64
             b = boxes[sel].to(device)
             bi = torch.from_numpy(data.box_image[sel] - start).to(device)
             order.append(sel)
-            with _autocast(device):
-                maps = backbone.forward_features(x)
-            for lv, real in names.items():
-                fmap = maps[real].float()
-                image[lv].append(fmap.mean((2, 3)).cpu())
-                obj[lv].append(box_features(fmap, b, bi, stride[real]).cpu())
+            if whole:
+                with _autocast(device):
+                    maps = backbone.forward_features(x)
+                for lv, real in names.items():
+                    fmap = maps[real].float()
+                    image[lv].append(fmap.mean((2, 3)).cpu())
+                    obj[lv].append(box_features(fmap, b, bi, stride[real]).cpu())
             if crop_size:
                 cuts = crop_boxes(x, b, bi, int(crop_size))
                 for c0 in range(0, len(cuts), batch_size):
@@ -125,7 +127,7 @@ def extract(backbone: nn.Module, data: LabelledSet, levels, batch_size: int = 64
         backbone.train(was_training)
     back = torch.from_numpy(np.argsort(np.concatenate(order))) if order else torch.zeros(0, dtype=torch.long)
     out = {"image": {lv: torch.cat(v) for lv, v in image.items()},
-           "object": {lv: torch.cat(v)[back] for lv, v in obj.items()}}   # in data.boxes order
+           "object": {lv: torch.cat(v)[back] for lv, v in obj.items()}} if whole else {}   # in data.boxes order
     if crop_size:
         out["crop"] = {lv: (torch.cat(v) if v else torch.zeros(0, 0))[back] for lv, v in crop.items()}
     return out

@@ -85,9 +85,9 @@ class OnlineEval(Callback):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for suffix, net in self._branches(ctx.method).items():
                 resolve_levels(net, self.levels)
-                crop = self.crop_size if self.scope == "crop" else None
-                ftr = extract(net, train, self.levels, self.batch_size, device, crop)[self.scope]
-                fte = extract(net, test, self.levels, self.batch_size, device, crop)[self.scope]
+                crop = self.crop_size if self.scope == "crop" else None   # only the scope it logs
+                ftr, fte = (extract(net, d, self.levels, self.batch_size, device, crop, whole=crop is None)[self.scope]
+                            for d in (train, test))
                 for lv in self.levels:
                     pred = knn.knn_predict(ftr[lv], ytr, fte[lv], self.k, self.temperature)
                     values[f"knn_{self.scope}_{lv}{suffix}"] = float((pred == yte).double().mean())
