@@ -92,14 +92,12 @@ def load_backbone(cfg: dict, run_dir: Path, checkpoint: bool = False, target: bo
 
 def eval_settings(cfg: dict, args) -> dict:
     """Probe settings: command line, else the run config's eval section, else defaults."""
-    from train.config import get
     from train.eval import knn
+    from train.eval.features import crop_size_of, image_size_of
     ev = cfg.get("eval") or {}
-    image_size = args.image_size or ev.get("image_size") or get(cfg, "data.image_size") or 224
-    from train.eval.features import crop_size_of
     return dict(k=args.k or ev.get("k") or knn.K,
                 temperature=args.temperature or ev.get("temperature") or knn.TEMPERATURE,
-                levels=list(args.levels) if args.levels else None, image_size=int(image_size),
+                levels=list(args.levels) if args.levels else None, image_size=image_size_of(cfg, args.image_size),
                 crop_size=crop_size_of(cfg, args.crop_size) or None,
                 batch_size=int(args.batch_size or ev.get("batch_size") or 64),
                 max_samples=args.max_samples or ev.get("max_samples"),

@@ -58,6 +58,13 @@ def box_features(fmap: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Ten
     return pooled.mean((2, 3))
 
 
+def image_size_of(cfg: dict, override: int | None = None) -> int:
+    """The letterbox side of eval images: `override`, else `eval.image_size`, else the run's
+    `data.image_size`, else 224 (0 or None at any step falls through to the next)."""
+    return int(override or (cfg.get("eval") or {}).get("image_size")
+               or (cfg.get("data") or {}).get("image_size") or 224)
+
+
 def crop_size_of(cfg: dict, override: int | None = None) -> int:
     """The crop probe's side: `override`, else `eval.crop_size`, else the run's
     `data.image_size` (the view size it trained on), else 224; 0 = no crop probe."""

@@ -23,7 +23,7 @@ import torch
 from train.callbacks import Callback, TrainContext
 from train.eval import knn
 from train.eval.data import load_labelled, split_by_key
-from train.eval.features import crop_size_of, extract, resolve_levels
+from train.eval.features import crop_size_of, extract, image_size_of, resolve_levels
 
 
 class OnlineEval(Callback):
@@ -39,7 +39,7 @@ class OnlineEval(Callback):
         self.levels = list(ev.get("levels") or ["res5"])
         self.target = bool(ev.get("target", True))
         self.max_samples = ev.get("max_samples")
-        self.image_size = int(ev.get("image_size") or data.get("image_size") or 224)
+        self.image_size = image_size_of(cfg)
         self.batch_size = int(ev.get("batch_size") or 64)
         self.scope = ev.get("scope") or "crop"
         if self.scope not in ("crop", "object"):
