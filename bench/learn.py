@@ -58,6 +58,14 @@ def pretrain(name: str, train_shards: Path, out: Path, extra: list[str]) -> dict
                 online=[r for r in records if r.get("event") == "eval"])
 
 
+def target_level(asked: str, levels: list[str]) -> str:
+    """`asked` when the backbone has it; else its deepest feature map (a ViT: "tokens",
+    mean-pooled), the rule fixed before any ViT was benched. Vector levels (a ViT's "cls")
+    are probed and reported beside it, never the target."""
+    maps = [lv for lv in levels if lv != "cls"]
+    return asked if asked in levels else maps[-1]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train-shards", default=None, help="default WORK_DIR/sample/shards")
@@ -65,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--extra", default="", help="overrides for every run, e.g. 'train.steps=50'")
     p.add_argument("--target-level", default="res5",
-                   help="level of the target (a backbone without it, e.g. a ViT: its last level)")
+                   help="level of the target (a backbone without it, e.g. a ViT: its deepest map, tokens)")
     p.add_argument("--target-scope", default="crop", choices=("crop", "object"),
                    help="crop: each box cut out and resized (the issue's object crops); object: RoIAlign")
     p.add_argument("--image-size", type=int, default=256, help="eval letterbox side: crops are cut from it (256)")
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
         from train.config import load_config
         cfg = load_config(out / "checkpoints" / "config.yaml")
         levels = summary["settings"]["levels"]
-        level = a.target_level if a.target_level in levels else levels[-1]
+        level = target_level(a.target_level, levels)
         obj = find(summary["differences"], scope=a.target_scope, level=level, probe="knn")
         row = dict(config=METHODS[name], overrides=a.extra, **run, eval_seconds=summary["seconds"]["total"],
                    settings=summary["settings"], results=summary["results"], differences=summary["differences"],

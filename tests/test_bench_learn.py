@@ -32,3 +32,12 @@ def test_bench_learn_trains_probes_against_random_and_merges_rows(sample_shards,
     assert scopes == {"image", "object", "crop"}
     assert {r["network"] for r in row["results"]} == {"pretrained", "random"}
     assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["cpu_ratio_to_mocov2"] == 1.0
+
+
+def test_the_target_level_is_res5_for_a_resnet_and_a_vits_token_map_never_its_cls_vector():
+    resnet, vit = ["res2", "res3", "res4", "res5"], ["tokens", "cls"]
+    assert learn.target_level("res5", resnet) == "res5"
+    assert learn.target_level("res4", resnet) == "res4"
+    assert learn.target_level("res5", vit) == "tokens"
+    assert learn.target_level("cls", vit) == "cls"            # asked for by name
+    assert learn.target_level("res5", ["tokens"]) == "tokens"

@@ -159,6 +159,41 @@ def test_object_crop_features_equal_the_features_of_the_crop_cut_out_by_hand():
     assert set(only) == {"crop"} and torch.allclose(only["crop"]["res3"], feats["crop"]["res3"])
 
 
+def test_a_vits_cls_level_is_its_cls_embedding_of_the_image_and_of_each_crop_and_has_no_box_feature():
+    """A tiny ViT (random weights): the "cls" level is what the network outputs, net(x), for the
+    whole image and for each crop cut out as the crop probe cuts it; a box has no CLS of its own,
+    so the object scope has no cls entry and run_probes says it skips it."""
+    from train.eval.data import to_tensor_batch
+    from train.eval.features import all_levels, crop_boxes
+    from train.models.registry import create_backbone
+    torch.manual_seed(0)
+    net = create_backbone("vit_tiny_patch16_224", options=dict(img_size=64, patch_size=8, embed_dim=32, depth=2,
+                                                               num_heads=2, dynamic_img_size=True)).eval()
+    assert all_levels(net) == ["tokens", "cls"]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 96, 96, 3), dtype=np.uint8)
+    boxes, box_image = [(8, 8, 56, 40), (30.5, 20, 90, 88), (0, 0, 96, 96)], [0, 1, 1]
+    data = _set(images, boxes, box_image, [1, 2, 1], image_labels=[1, 2])
+    feats = extract(net, data, ["tokens", "cls"], batch_size=2, crop_size=32)
+    x = to_tensor_batch(images)
+    with torch.no_grad():
+        whole = net(x)
+        cuts = net(crop_boxes(x, torch.tensor(boxes, dtype=torch.float32), torch.tensor(box_image), 32))
+        grid = net.forward_features(x)["tokens"]
+    assert torch.allclose(feats["image"]["cls"], whole, atol=1e-5)
+    assert torch.allclose(feats["crop"]["cls"], cuts, atol=1e-5)
+    assert torch.allclose(feats["image"]["tokens"], grid.mean((2, 3)), atol=1e-5)   # the map level unchanged
+    assert not torch.allclose(feats["image"]["cls"], feats["image"]["tokens"])
+    assert set(feats["object"]) == {"tokens"}
+    said = []
+    out = run_probes({"pretrained": net, "random": net}, data, data, ["tokens", "cls"], k=1, crop_size=32,
+                     say=said.append)
+    rows = {(r["scope"], r["level"]) for r in out["results"]}
+    assert ("crop", "cls") in rows and ("image", "cls") in rows and ("object", "tokens") in rows
+    assert ("object", "cls") not in rows
+    assert any("object scope of cls skipped" in s for s in said)
+
+
 def test_letterbox_keeps_the_aspect_and_pads_with_the_mean_colour():
     rgb = np.full((50, 100, 3), 200, np.uint8)
     out, scale = letterbox(rgb, 64)

@@ -145,9 +145,10 @@ def test_a_run_without_export_says_how_to_export_or_use_the_checkpoint(tiny_run,
     assert json.loads((tmp_path / "ckpt" / "summary.json").read_text())["weights"].endswith("last.pt (target)")
 
 
-def test_a_vit_run_is_evaluated_from_its_timm_export_at_its_tokens_level(sample_shards, tmp_path, capsys):
+def test_a_vit_run_is_evaluated_from_its_timm_export_at_its_tokens_and_cls_levels(sample_shards, tmp_path, capsys):
     """ccMIM's tiny ViT (random init, 2 steps): the export is backbone_timm.pth, the levels
-    default to the backbone's own (`tokens`), and the exported weights are the ones probed."""
+    default to the backbone's own (`tokens`, then the CLS embedding `cls`, which has no
+    object-scope row), and the exported weights are the ones probed."""
     out = tmp_path / "ccmim_tiny"
     train(load_config(CONFIGS / "ccmim_small_cpu.yaml", [f"data.shards={sample_shards}", f"train.out={out}",
                                                           "data.batch_size=4", "train.steps=2",
@@ -156,8 +157,9 @@ def test_a_vit_run_is_evaluated_from_its_timm_export_at_its_tokens_level(sample_
                              "--out", tmp_path / "eval")
     assert code == 0, err
     s = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert s["weights"].endswith("exported/backbone_timm.pth") and s["settings"]["levels"] == ["tokens"]
-    assert {r["scope"] for r in s["results"]} == {"image", "object", "crop"}
+    assert s["weights"].endswith("exported/backbone_timm.pth") and s["settings"]["levels"] == ["tokens", "cls"]
+    assert {(r["scope"], r["level"]) for r in s["results"]} == {("image", "tokens"), ("object", "tokens"),
+                                                                 ("crop", "tokens"), ("image", "cls"), ("crop", "cls")}
     from train.evaluate import load_backbone
     net, _ = load_backbone(load_config(out / "checkpoints" / "config.yaml"), out)
     exported = torch.load(out / "exported" / "backbone_timm.pth", weights_only=True)

@@ -143,7 +143,7 @@ def online_curve(run_dir: Path) -> list[dict]:
 
 
 def evaluate(args) -> dict:
-    from train.eval.features import resolve_levels
+    from train.eval.features import all_levels, resolve_levels
     from train.eval.page import write_page
     from train.eval.probes import random_init_backbone, run_probes
     t0 = time.perf_counter()
@@ -152,8 +152,8 @@ def evaluate(args) -> dict:
     settings = eval_settings(cfg, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, source = load_backbone(cfg, run_dir, args.checkpoint, args.target)
-    if settings["levels"] is None:   # every level the backbone has (res2..res5; a ViT's tokens)
-        settings["levels"] = [f["name"] for f in backbone.feature_info]
+    if settings["levels"] is None:   # every level the backbone has (res2..res5; a ViT's tokens and cls)
+        settings["levels"] = all_levels(backbone)
     try:
         resolve_levels(backbone, settings["levels"])
     except ValueError as e:

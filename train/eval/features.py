@@ -8,7 +8,8 @@ cut out of the (normalised, letterboxed) image by RoIAlign at `crop_size` x `cro
 pixels -- the object on its own, at the size the network was trained on -- through the
 backbone, each map averaged; this is the "object crop" of issue 11. Level names follow
 the backbone's `feature_info` ("res2".."res5" for a ResNet) plus the aliases "C4" = res4
-and "C5" = res5.
+and "C5" = res5, and its `embedding_info` when it has one (a ViT's "cls"): a vector an
+image, used as it is at image and crop scope; it has no object-scope (RoIAlign) feature.
 
 The network runs in eval mode under torch.no_grad, with bf16 autocast on CUDA (fp32 on
 CPU); features come back as float32 CPU tensors."""
@@ -28,9 +29,19 @@ OUTPUT_SIZE = 7
 SAMPLING = 2
 
 
+def embedding_levels(backbone: nn.Module) -> list[str]:
+    """Names of the backbone's vector outputs (`embedding_info`; a ViT's "cls"), none for a ResNet."""
+    return [e["name"] for e in getattr(backbone, "embedding_info", ())]
+
+
+def all_levels(backbone: nn.Module) -> list[str]:
+    """Every level the eval can probe: the maps shallow to deep, then the vector outputs."""
+    return [f["name"] for f in backbone.feature_info] + embedding_levels(backbone)
+
+
 def resolve_levels(backbone: nn.Module, levels) -> dict[str, str]:
     """{asked name: feature name}; an unknown level is one clear error naming the choices."""
-    names = [f["name"] for f in backbone.feature_info]
+    names = all_levels(backbone)
     out = {}
     for lv in levels:
         real = ALIASES.get(lv, lv)
@@ -90,21 +101,28 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    """[B, C]: a map's global average; a vector output as it is."""
+    return x if x.ndim == 2 else x.mean((2, 3))
+
+
 @torch.no_grad()
 def extract(backbone: nn.Module, data: LabelledSet, levels, batch_size: int = 64,
             device: torch.device | str = "cpu", crop_size: int | None = None, whole: bool = True) -> dict:
     """{"image": {level: [N,C]}, "object": {level: [M,C]}[, "crop": {level: [M,C]}]} float32
     CPU tensors ("crop" when `crop_size` is set; `whole=False` skips the whole-image forward
-    and returns "crop" only).
+    and returns "crop" only). A vector level (`embedding_levels`) is in "image" and "crop"
+    as it is, and absent from "object".
 
     The backbone's train/eval mode is restored afterwards."""
     device = torch.device(device)
     names = resolve_levels(backbone, levels)
     stride = strides(backbone)
+    vectors = set(embedding_levels(backbone))
     was_training = backbone.training
     backbone.eval()
     image = {lv: [] for lv in names}
-    obj = {lv: [] for lv in names}
+    obj = {lv: [] for lv, real in names.items() if real not in vectors}
     crop = {lv: [] for lv in names}
     boxes = torch.from_numpy(data.boxes)
     order = []   # box indices in the order they are computed (batch by batch)
@@ -121,15 +139,16 @@ def extract(backbone: nn.Module, data: LabelledSet, levels, batch_size: int = 64
                     maps = backbone.forward_features(x)
                 for lv, real in names.items():
                     fmap = maps[real].float()
-                    image[lv].append(fmap.mean((2, 3)).cpu())
-                    obj[lv].append(box_features(fmap, b, bi, stride[real]).cpu())
+                    image[lv].append(_pooled(fmap).cpu())
+                    if lv in obj:
+                        obj[lv].append(box_features(fmap, b, bi, stride[real]).cpu())
             if crop_size:
                 cuts = crop_boxes(x, b, bi, int(crop_size))
                 for c0 in range(0, len(cuts), batch_size):
                     with _autocast(device):
                         maps = backbone.forward_features(cuts[c0:c0 + batch_size])
                     for lv, real in names.items():
-                        crop[lv].append(maps[real].float().mean((2, 3)).cpu())
+                        crop[lv].append(_pooled(maps[real].float()).cpu())
     finally:
         backbone.train(was_training)
     back = torch.from_numpy(np.argsort(np.concatenate(order))) if order else torch.zeros(0, dtype=torch.long)

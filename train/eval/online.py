@@ -89,6 +89,9 @@ class OnlineEval(Callback):
                 ftr, fte = (extract(net, d, self.levels, self.batch_size, device, crop, whole=crop is None)[self.scope]
                             for d in (train, test))
                 for lv in self.levels:
+                    if lv not in ftr:
+                        raise ValueError(f"eval.levels: {lv!r} is one vector an image (a ViT's CLS) and has no "
+                                         "object-scope feature; use eval.scope=crop or a map level (tokens)")
                     pred = knn.knn_predict(ftr[lv], ytr, fte[lv], self.k, self.temperature)
                     values[f"knn_{self.scope}_{lv}{suffix}"] = float((pred == yte).double().mean())
         values["seconds"] = time.perf_counter() - t0

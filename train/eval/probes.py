@@ -74,6 +74,10 @@ def run_probes(networks: dict[str, nn.Module], train: LabelledSet, test: Labelle
             continue
         ytr, yte = torch.from_numpy(ytr_all[tr]), torch.from_numpy(yte_all[te])
         for level in levels:
+            if any(level not in feats[name][0][scope] for name in networks):
+                say(f"[eval] {scope} scope of {level} skipped: {level} is one vector an image "
+                    "(a ViT's CLS), it has no feature of its own for a box")
+                continue
             for probe in probes:
                 correct = {}
                 for name in networks:

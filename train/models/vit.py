@@ -30,6 +30,13 @@ class ViT(nn.Module):
     def feature_info(self) -> list[dict]:
         return [dict(name="tokens", channels=self.out_channels[0], stride=self.patch)]
 
+    @property
+    def embedding_info(self) -> list[dict]:
+        """Outputs of `forward_features` that are one vector an image, not a map: the CLS
+        embedding (what `self(x)` returns). The eval probes it like a level, at image and crop
+        scope (a box has no CLS of its own, so it has no object-scope feature)."""
+        return [dict(name="cls", channels=self.out_channels[0])]
+
     def tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(CLS [B, D], token grid [B, D, H/patch, W/patch]) after the final norm."""
         t = self.vit.forward_features(x)
