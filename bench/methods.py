@@ -35,7 +35,7 @@ METHODS = {
     "mocov2": ("mocov2_small_cpu", []),
     "detcon_b": ("detcon_b_small_cpu", ["data.options.mask_source=grid"]),
     "detcon_s": ("detcon_s_small_cpu", ["data.options.mask_source=grid"]),
-    "maskco": ("maskco_small_cpu", []),
+    "maskco": ("maskco_small_cpu", ["model.intra=false"]),   # inter-image negatives only (the recipe is +in)
     "maskco_in": ("maskco_small_cpu", ["model.intra=true"]),
     # DetCo and the slides' ablation rows: without CGLC (no patches) and without HIC (res5 only)
     "detco": ("detco_small_cpu", []),

@@ -25,7 +25,7 @@ RUNS = {                                   # name: (small config, extra override
     "detcon_b": ("detcon_b_small_cpu", ["data.options.mask_source=gt"]),
     "detcon_s": ("detcon_s_small_cpu", ["data.options.mask_source=grid"]),
     "maskco": ("maskco_small_cpu", []),
-    "maskco_in": ("maskco_small_cpu", ["model.intra=true", "model.mph_blocks=1"]),
+    "maskco_inter": ("maskco_small_cpu", ["model.intra=false", "model.mph_blocks=1"]),   # the recipe is MaskCo(+in)
 }
 
 
