@@ -58,11 +58,11 @@ def pretrain(name: str, train_shards: Path, out: Path, extra: list[str]) -> dict
                 online=[r for r in records if r.get("event") == "eval"])
 
 
-def target_level(asked: str, levels: list[str]) -> str:
+def target_level(asked: str, levels: list[str], vector_levels=()) -> str:
     """`asked` when the backbone has it; else its deepest feature map (a ViT: "tokens",
-    mean-pooled), the rule fixed before any ViT was benched. Vector levels (a ViT's "cls")
-    are probed and reported beside it, never the target."""
-    maps = [lv for lv in levels if lv != "cls"]
+    mean-pooled), the rule fixed before any ViT was benched. Vector levels (summary settings
+    `vector_levels`: a ViT's "cls") are probed and reported beside it, never the fallback."""
+    maps = [lv for lv in levels if lv not in vector_levels]
     return asked if asked in levels else maps[-1]
 
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         from train.config import load_config
         cfg = load_config(out / "checkpoints" / "config.yaml")
         levels = summary["settings"]["levels"]
-        level = target_level(a.target_level, levels)
+        level = target_level(a.target_level, levels, summary["settings"]["vector_levels"])
         obj = find(summary["differences"], scope=a.target_scope, level=level, probe="knn")
         row = dict(config=METHODS[name], overrides=a.extra, **run, eval_seconds=summary["seconds"]["total"],
                    settings=summary["settings"], results=summary["results"], differences=summary["differences"],

@@ -38,6 +38,6 @@ def test_the_target_level_is_res5_for_a_resnet_and_a_vits_token_map_never_its_cl
     resnet, vit = ["res2", "res3", "res4", "res5"], ["tokens", "cls"]
     assert learn.target_level("res5", resnet) == "res5"
     assert learn.target_level("res4", resnet) == "res4"
-    assert learn.target_level("res5", vit) == "tokens"
-    assert learn.target_level("cls", vit) == "cls"            # asked for by name
+    assert learn.target_level("res5", vit, vector_levels=["cls"]) == "tokens"
+    assert learn.target_level("cls", vit, vector_levels=["cls"]) == "cls"     # asked for by name
     assert learn.target_level("res5", ["tokens"]) == "tokens"

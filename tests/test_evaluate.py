@@ -158,6 +158,7 @@ def test_a_vit_run_is_evaluated_from_its_timm_export_at_its_tokens_and_cls_level
     assert code == 0, err
     s = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert s["weights"].endswith("exported/backbone_timm.pth") and s["settings"]["levels"] == ["tokens", "cls"]
+    assert s["settings"]["vector_levels"] == ["cls"]
     assert {(r["scope"], r["level"]) for r in s["results"]} == {("image", "tokens"), ("object", "tokens"),
                                                                  ("crop", "tokens"), ("image", "cls"), ("crop", "cls")}
     from train.evaluate import load_backbone
@@ -194,3 +195,21 @@ def test_shards_without_labels_are_one_message_with_the_fix(tiny_run, sample_par
     assert stop.value.code == 2 and "online eval (eval.every=1)" in err and "eval.every=0" in err
     assert "none of its 14 samples has a label" in err and "Traceback" not in err
     assert not (tmp_path / "online" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("config,levels,scope,says", [
+    ("mocov2_small_cpu", "[res9]", "crop", "unknown feature level 'res9'"),
+    ("ccmim_small_cpu", "[tokens,cls]", "object", "['cls'] is one vector an image"),
+])
+def test_online_eval_levels_the_backbone_cannot_give_stop_the_trainer_before_it_trains(
+        sample_shards, tmp_path, capsys, config, levels, scope, says):
+    from train.pretrain import main as pretrain_main
+    out = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        pretrain_main(["--config", str(CONFIGS / f"{config}.yaml"), f"data.shards={sample_shards}",
+                       f"train.out={out}", "data.batch_size=4", "train.steps=2", "train.tensorboard=false",
+                       "eval.every=1", "eval.image_size=64", f"eval.levels={levels}", f"eval.scope={scope}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and says in err and "eval.levels" in err and "Traceback" not in err
+    assert not (out / "checkpoints").exists()

@@ -143,7 +143,7 @@ def online_curve(run_dir: Path) -> list[dict]:
 
 
 def evaluate(args) -> dict:
-    from train.eval.features import all_levels, resolve_levels
+    from train.eval.features import all_levels, embedding_levels, resolve_levels
     from train.eval.page import write_page
     from train.eval.probes import random_init_backbone, run_probes
     t0 = time.perf_counter()
@@ -155,9 +155,10 @@ def evaluate(args) -> dict:
     if settings["levels"] is None:   # every level the backbone has (res2..res5; a ViT's tokens and cls)
         settings["levels"] = all_levels(backbone)
     try:
-        resolve_levels(backbone, settings["levels"])
+        names = resolve_levels(backbone, settings["levels"])
     except ValueError as e:
         raise EvalError(str(e)) from None
+    settings["vector_levels"] = [lv for lv, real in names.items() if real in embedding_levels(backbone)]
     random = random_init_backbone(cfg, settings["seed"])
     train, test, where = eval_data(cfg, args, settings)
     print(f"[eval] {run_dir.name}: {len(train.keys)} train / {len(test.keys)} test images, "

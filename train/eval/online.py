@@ -23,7 +23,7 @@ import torch
 from train.callbacks import Callback, TrainContext
 from train.eval import knn
 from train.eval.data import load_labelled, split_by_key
-from train.eval.features import crop_size_of, extract, image_size_of, resolve_levels
+from train.eval.features import crop_size_of, embedding_levels, extract, image_size_of, resolve_levels
 
 
 class OnlineEval(Callback):
@@ -84,14 +84,10 @@ class OnlineEval(Callback):
         device = ctx.info.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for suffix, net in self._branches(ctx.method).items():
-                resolve_levels(net, self.levels)
                 crop = self.crop_size if self.scope == "crop" else None   # only the scope it logs
                 ftr, fte = (extract(net, d, self.levels, self.batch_size, device, crop, whole=crop is None)[self.scope]
                             for d in (train, test))
                 for lv in self.levels:
-                    if lv not in ftr:
-                        raise ValueError(f"eval.levels: {lv!r} is one vector an image (a ViT's CLS) and has no "
-                                         "object-scope feature; use eval.scope=crop or a map level (tokens)")
                     pred = knn.knn_predict(ftr[lv], ytr, fte[lv], self.k, self.temperature)
                     values[f"knn_{self.scope}_{lv}{suffix}"] = float((pred == yte).double().mean())
         values["seconds"] = time.perf_counter() - t0
@@ -115,6 +111,20 @@ class OnlineEval(Callback):
             except EvalDataError as e:  # a config problem: the trainer prints it in one line
                 raise ConfigError(f"online eval (eval.every={self.every}): {e}; or turn it off with "
                                   "eval.every=0") from None
+            self._check_levels(ctx.method.export_modules()["backbone"])
+
+    def _check_levels(self, backbone) -> None:
+        """eval.levels against the backbone, before training: an unknown level, or a vector
+        level (a ViT's cls) at object scope, where a box has no feature of its own."""
+        from train.config import ConfigError
+        try:
+            names = resolve_levels(backbone, self.levels)
+        except ValueError as e:
+            raise ConfigError(f"online eval: {e}") from None
+        vectors = [lv for lv, real in names.items() if real in embedding_levels(backbone)]
+        if self.scope == "object" and vectors:
+            raise ConfigError(f"eval.levels: {vectors} is one vector an image (a ViT's CLS), with no feature "
+                              "for a box at eval.scope=object; use eval.scope=crop or a map level (tokens)")
 
     def on_step_end(self, ctx: TrainContext) -> None:
         if self.every > 0 and ctx.step % self.every == 0:
