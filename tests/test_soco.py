@@ -145,6 +145,29 @@ def test_variants_train_online_only(variant):
     torch.testing.assert_close(method.target[0].conv1.weight, tau * t0[0] + (1 - tau) * method.backbone.conv1.weight)
 
 
+@pytest.mark.parametrize("roi_size", [None, 4])
+def test_c4_box_embedding_is_res5_over_the_roi_aligned_res4_grid_of_the_configured_side(roi_size):
+    """C4: a box's embedding is projector(avgpool(res5(RoIAlign(res4, box, s x s)))),
+    s = model.roi_size (the paper's 14 when unset), computed here by hand."""
+    torch.manual_seed(0)
+    method = get("soco").build({"model": dict(variant="c4", roi_size=roi_size, **TINY)}).eval()
+    side = roi_size or 14
+    assert method.roi_size == side
+    b = synthetic_batch()
+    x, boxes = b["view1"], b["boxes1_2"]
+    with torch.no_grad():
+        res4 = method.backbone.features(x, upto=4)[-1]
+        got = method._embed(method._online, [res4], boxes, x.shape[-1], 1.0)
+        for n in range(boxes.shape[0]):
+            for k in range(boxes.shape[1]):
+                roi = torch.cat([torch.tensor([[float(n)]]), boxes[n, k][None].float()], 1)
+                grid = roi_align(res4, roi, side, spatial_scale=res4.shape[-1] / x.shape[-1],
+                                 sampling_ratio=-1, aligned=True)
+                assert grid.shape[-2:] == (side, side)
+                want = method.projector(method.backbone.layer4(grid).mean((2, 3)))[0]
+                torch.testing.assert_close(got[n, k], want, rtol=1e-4, atol=1e-5)
+
+
 def test_image_without_valid_pair_keeps_loss_finite():
     torch.manual_seed(0)
     method = get("soco").build({"model": dict(**TINY)})

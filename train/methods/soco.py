@@ -4,6 +4,7 @@ Variants (config `model.variant`):
   fpn   ResNet + FPN P2..P5 + RoIAlign 7x7 + 4conv1fc head; pairs (1,2) and (1,3).
   star  SoCo*: as fpn plus the pair (1,4) (loader recipe `soco_star`).
   c4    RoIAlign 14x14 on res4, res5 as the head, avg-pool; pair (1,2) only.
+`model.roi_size` overrides the RoIAlign side (7 FPN, 14 C4), e.g. for small views.
 Unlike the paper's code, each box is RoI-aligned only at its assigned FPN level: the
 paper pools every box on all four levels but its correspondence matrix only ever
 pairs the assigned-level slots, so the loss is the same at a quarter of the head
@@ -109,6 +110,7 @@ class ModelConfig(BackboneFields):
     proj_dim: int = 256
     ema_base: float = 0.99
     level_ranges: list[float] = field(default_factory=lambda: list(LEVEL_RANGES))
+    roi_size: int | None = None     # RoIAlign output side; None = the paper's (7 FPN, 14 C4)
 
 
 def assign_levels(boxes: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
@@ -160,7 +162,8 @@ class SoCo(Method):
 
     def __init__(self, backbone: nn.Module, variant: str = "fpn", fpn_channels: int = 256,
                  head_conv_channels: int = 256, head_fc_dim: int = 1024, proj_hidden: int = 4096,
-                 proj_dim: int = 256, ema_base: float = 0.99, level_ranges=LEVEL_RANGES):
+                 proj_dim: int = 256, ema_base: float = 0.99, level_ranges=LEVEL_RANGES,
+                 roi_size: int | None = None):
         super().__init__()
         if variant not in PAIRS:
             raise ValueError(f"unknown SoCo variant {variant!r}: use one of {sorted(PAIRS)} (model.variant)")
@@ -173,12 +176,12 @@ class SoCo(Method):
         self.register_buffer("level_ranges", torch.tensor(level_ranges, dtype=torch.float32),
                              persistent=False)
         if variant == "c4":
-            self.neck, self.head, self.roi_size = None, None, 14
+            self.neck, self.head, self.roi_size = None, None, roi_size or 14
             feat_dim = self.backbone.out_channels[3]
         else:
             self.neck = FPN(self.backbone.out_channels, fpn_channels)
             self.head = ConvFCHead(fpn_channels, head_conv_channels, head_fc_dim)
-            self.roi_size, feat_dim = 7, head_fc_dim
+            self.roi_size, feat_dim = roi_size or 7, head_fc_dim
         self.projector = MLP(feat_dim, proj_hidden, proj_dim)
         self.predictor = MLP(proj_dim, proj_hidden, proj_dim)
         self.target = make_target(self._online)
