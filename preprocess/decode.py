@@ -31,7 +31,8 @@ def max_pixels() -> int:
     return int(os.environ.get("REGIONSSL_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 
 
-def _open(path, data: bytes | None = None, limit: int | None = None) -> Image.Image:
+def _open(path, data: bytes | None = None, limit: int | None = None, load: bool = True) -> Image.Image:
+    """The image opened and size-checked; decoded too unless `load` is False (header only)."""
     path = Path(path)
     try:
         if data is None:
@@ -53,7 +54,8 @@ def _open(path, data: bytes | None = None, limit: int | None = None) -> Image.Im
                 raise DecodeError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} "
                                   "(decompression-bomb guard); downscale the image or raise "
                                   "REGIONSSL_MAX_PIXELS")
-            img.load()
+            if load:
+                img.load()
     except DecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -121,13 +123,14 @@ def exif_orientation(img: Image.Image) -> int:
         return 1
 
 
-def stored_jpeg(path, quality: int = STORED_JPEG_QUALITY, data: bytes | None = None,
-                limit: int | None = None) -> tuple[bytes, np.ndarray]:
-    """(JPEG bytes to store, the RGB pixels those bytes decode to).
+def stored_jpeg_bytes(path, quality: int = STORED_JPEG_QUALITY, data: bytes | None = None,
+                      limit: int | None = None) -> bytes:
+    """The JPEG bytes to store for an image (stored_jpeg without decoding them back).
 
     The source bytes are kept when the file is already a plain RGB JPEG with no EXIF
-    rotation to apply (no re-encode loss); anything else is re-encoded from load_rgb's
-    pixels, so the stored image is exactly the frame every coordinate refers to."""
+    rotation to apply (no re-encode loss; read from the header, nothing decoded: the caller
+    decodes it strictly, e.g. shards.format.check_jpeg); anything else is re-encoded from
+    load_rgb's pixels, so the stored image is exactly the frame every coordinate refers to."""
     path = Path(path)
     if data is None:
         try:
@@ -135,11 +138,16 @@ def stored_jpeg(path, quality: int = STORED_JPEG_QUALITY, data: bytes | None = N
         except OSError as e:
             raise DecodeError(f"{path}: cannot read the file ({e.strerror or e}); check it "
                               "exists and is readable") from e
-    img = _open(path, data, limit)
+    img = _open(path, data, limit, load=False)
     if img.format == "JPEG" and img.mode == "RGB" and exif_orientation(img) == 1:
-        return data, np.asarray(img, dtype=np.uint8)
-    rgb = load_rgb(path, data, limit)
+        return data
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    encoded = buf.getvalue()
-    return encoded, np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"), dtype=np.uint8)
+    Image.fromarray(load_rgb(path, data, limit)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def stored_jpeg(path, quality: int = STORED_JPEG_QUALITY, data: bytes | None = None,
+                limit: int | None = None) -> tuple[bytes, np.ndarray]:
+    """(JPEG bytes to store, the RGB pixels those bytes decode to); see stored_jpeg_bytes."""
+    encoded = stored_jpeg_bytes(path, quality, data, limit)
+    return encoded, np.asarray(_open(path, encoded, limit).convert("RGB"), dtype=np.uint8)

@@ -31,7 +31,7 @@ from common.io import (DiskFullError, atomic_open, atomic_write_text, crc32, exc
 from common.keys import check_key
 from common.paths import proposals_dir, shards_dir
 from common.progress import Progress
-from preprocess.decode import STORED_JPEG_QUALITY, DecodeError, stored_jpeg
+from preprocess.decode import STORED_JPEG_QUALITY, DecodeError, stored_jpeg_bytes
 from schemas import SchemaError, table_params, validate
 from schemas.index import INDEX, MANIFEST_VERSION, check_manifest
 from schemas.proposals import PROPOSALS
@@ -87,7 +87,7 @@ def sample_members(row: dict, root: Path, params: PackParams, dataset: str = "<d
         raise SampleError(f"source image {src} changed since make proposals (sha256 differs); "
                           f"{refresh_fix(dataset)}")
     try:
-        jpeg, _ = stored_jpeg(src, params.jpeg_quality, data=data)
+        jpeg = stored_jpeg_bytes(src, params.jpeg_quality, data=data)   # decoded once, strictly, below
     except DecodeError as e:
         raise SampleError(str(e)) from e
     boxes = np.asarray(row["boxes"] or [], dtype=np.float32).reshape(-1, 4)

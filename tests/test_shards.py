@@ -5,6 +5,7 @@ whose values we choose, so the round trip compares against values we know. The
 end-to-end test at the bottom uses the real preprocessing job (`sample_parts`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -183,6 +184,10 @@ def test_byte_bound_and_unpackable_samples(hand_parts, tmp_path):
     rows = pq.read_table(part).to_pylist()
     rows[1]["fh_png"] = rows[1]["fh_png"][:60]  # header intact, pixels cut off
     rows[2]["boxes"][1] = [0.0, 0.0, rows[2]["width"] + 5.0, 10.0]
+    cut_row = next(r for r in rows[3:] if r["status"] == "ok")
+    cut = raw / cut_row["source_path"]   # a JPEG cut short, its sha256 recorded as such:
+    cut.write_bytes(cut.read_bytes()[:-200])  # kept as-is, so only the strict decode finds it
+    cut_row["sha256"] = hashlib.sha256(cut.read_bytes()).hexdigest()
     pq.write_table(PROPOSALS.from_rows(rows), part)
     limit = 40_000
     out = tmp_path / "shards"
@@ -194,12 +199,13 @@ def test_byte_bound_and_unpackable_samples(hand_parts, tmp_path):
     assert len(manifest["shards"]) > 1
     index = {r["key"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
     errors = {k: r["error"] for k, r in index.items() if "packing" in (r["error"] or "")}
-    assert sorted(errors) == sorted(r["key"] for r in rows[:3])
+    assert sorted(errors) == sorted(r["key"] for r in [*rows[:3], cut_row])
     assert "changed since make proposals" in errors[rows[0]["key"]]
     assert "fh.png does not decode" in errors[rows[1]["key"]]
     assert "is empty, not finite or outside the" in errors[rows[2]["key"]]
+    assert f"{cut_row['key']}.jpg decodes with errors (libjpeg: Premature end" in errors[cut_row["key"]]
     assert all(index[k]["status"] == "failed" and index[k]["shard"] is None for k in errors)
-    assert manifest["num_samples"] == len(info["expected"]) - 3
+    assert manifest["num_samples"] == len(info["expected"]) - 4
     assert verify_main(["--dir", str(out)]) == 0
 
 
