@@ -109,6 +109,15 @@ def bitfield_labels(bits: np.ndarray) -> np.ndarray:
     return _LOWEST_BIT[np.asarray(bits, np.uint16)]
 
 
+def check_bitfield(bits: np.ndarray, num_masks: int, what: str = "bitfield PNG") -> None:
+    """A bitfield of `num_masks` masks: the count fits and no bit at or above it is set
+    (such a bit would be a mask no index row counts)."""
+    if not 0 <= num_masks <= MAX_MASKS:
+        raise MemberError(f"{what}: {num_masks} masks do not fit a {MAX_MASKS}-bit bitfield")
+    if num_masks < MAX_MASKS and (np.asarray(bits, np.uint16) >> num_masks).any():
+        raise MemberError(f"{what} sets bits of masks beyond the {num_masks} the sample counts")
+
+
 def decode_bitfield_png(data: bytes, num_masks: int, what: str = "bitfield PNG") -> np.ndarray:
     return decode_bitfield(decode_label_png(data, what), num_masks)
 
@@ -176,11 +185,12 @@ def decode_meta(data: bytes, what: str) -> dict:
 # ---------------------------------------------------------------- one sample, every member
 def sample_problems(key: str, members: dict[str, bytes], width: int, height: int,
                     num_boxes: int | None = None, jpeg: bool = False,
-                    pngs: bool = False) -> list[str]:
+                    pngs: bool = False, num_masks: int | None = None) -> list[str]:
     """What is wrong with one sample's members (empty when nothing): required members,
     metadata agreeing with (key, width, height), boxes inside the image, label maps of the
     image's size; with `jpeg` the JPEG strictly decoded (check_jpeg), with `pngs` every
-    label map decoded."""
+    label map decoded once, and with `num_masks` too the MCG bitfield holding exactly that
+    many masks' bits (check_bitfield)."""
     problems = [f"member {key}.{e} is missing" for e in REQUIRED if e not in members]
     unknown = sorted(set(members) - set(MEMBER_ORDER))
     problems += [f"member {key}.{e} is not part of the format" for e in unknown]
@@ -195,7 +205,10 @@ def sample_problems(key: str, members: dict[str, bytes], width: int, height: int
     for ext in LABEL_MAPS:
         if ext in members:
             checks.append(lambda ext=ext: check_label_png(members[ext], width, height, f"{key}.{ext}"))
-            if pngs:
+            if pngs and ext == "mcg.png" and num_masks is not None:
+                checks.append(lambda ext=ext: check_bitfield(
+                    decode_label_png(members[ext], f"{key}.{ext}"), num_masks, f"{key}.{ext}"))
+            elif pngs:
                 checks.append(lambda ext=ext: decode_label_png(members[ext], f"{key}.{ext}"))
     if "gt.json" in members:
         checks.append(lambda: json.loads(members["gt.json"]))

@@ -28,14 +28,8 @@ from shards.tarfmt import ShardError, check_shard_name
 
 def check_sample(key: str, members: dict[str, bytes], row: dict, decode: bool) -> list[str]:
     """Problems with one sample's content, given its index row (shards.format's checks)."""
-    problems = fmt.sample_problems(key, members, row["width"], row["height"], row["num_boxes"] or 0,
-                                   jpeg=decode, pngs=decode)
-    if decode and not problems and "mcg.png" in members:
-        try:
-            fmt.decode_bitfield_png(members["mcg.png"], row["num_masks"] or 0, f"{key}.mcg.png")
-        except fmt.MemberError as e:
-            problems.append(str(e))
-    return problems
+    return fmt.sample_problems(key, members, row["width"], row["height"], row["num_boxes"] or 0,
+                               jpeg=decode, pngs=decode, num_masks=row["num_masks"] or 0)
 
 
 def verify_shard(path: Path, record: dict, rows: list[dict], decode: bool,

@@ -108,7 +108,8 @@ def sample_members(row: dict, root: Path, params: PackParams, dataset: str = "<d
             "num_masks": row["num_masks"], "label": row["label"], "filter_rule": row["filter_rule"],
             "mask_scores": [float(s) for s in (row["mask_scores"] or [])]}
     members.append(("json", fmt.encode_meta(meta)))
-    problems = fmt.sample_problems(key, dict(members), w, h, jpeg=True, pngs=True)
+    problems = fmt.sample_problems(key, dict(members), w, h, jpeg=True, pngs=True,
+                                   num_masks=row["num_masks"] or 0)
     if problems:
         raise SampleError(f"{src}: {'; '.join(problems)}; rerun make proposals (or replace the "
                           "source image if it is damaged)")

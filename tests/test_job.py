@@ -20,7 +20,7 @@ from preprocess.datasets import list_images
 from preprocess.job import JOB_FILE, JobConfig, JobError, read_parts, run
 from preprocess.proposals import ProposalParams
 from preprocess.stages import Stage
-from shards.format import decode_bitfield_png, decode_label_png
+from shards.format import check_bitfield, decode_bitfield_png, decode_label_png
 from schemas import table_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,7 @@ def test_sample_parts_hold_one_valid_row_per_image(sample_parts, sample_raw):
         fh = decode_label_png(row["fh_png"])
         assert fh.shape == (h, w) and int(fh.max()) + 1 == row["num_segments"]
         masks = decode_bitfield_png(row["mcg_png"], row["num_masks"])
+        check_bitfield(decode_label_png(row["mcg_png"]), row["num_masks"])  # no uncounted mask bits
         assert masks.shape == (row["num_masks"], h, w) and len(row["mask_scores"]) == row["num_masks"]
         gt = json.loads(row["gt_json"])
         gt_ids = decode_label_png(row["gt_png"])

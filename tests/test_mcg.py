@@ -7,7 +7,7 @@ import pytest
 
 from preprocess.datasets import annotation_mask, list_images
 from preprocess.decode import load_rgb
-from shards.format import decode_bitfield_png
+from shards.format import MemberError, check_bitfield, decode_bitfield_png, decode_label_png
 from preprocess.mcg import MaskParams, encode_bitfield_png, mask_iou, mcg_masks
 
 
@@ -77,6 +77,18 @@ def test_bitfield_png_round_trips_16_masks():
     masks = rng.random((16, 20, 30)) > 0.5
     decoded = decode_bitfield_png(encode_bitfield_png(masks), 16)
     np.testing.assert_array_equal(decoded, masks)
+
+
+def test_a_bitfield_with_bits_beyond_its_mask_count_is_refused():
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 20, 30)) > 0.5
+    bits = decode_label_png(encode_bitfield_png(masks))
+    check_bitfield(bits, 3)
+    check_bitfield(bits, 4)                      # a fourth, empty mask is allowed
+    with pytest.raises(MemberError, match="sets bits of masks beyond the 2 the sample counts"):
+        check_bitfield(bits, 2)
+    with pytest.raises(MemberError, match="17 masks do not fit a 16-bit bitfield"):
+        check_bitfield(bits, 17)
 
 
 def test_tiny_images_do_not_crash():
