@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "learn.json"
 CONFIGS = ROOT / "train" / "configs"
 METHODS = {"mocov2": "mocov2_small_cpu", "detcon_s": "detcon_s_small_cpu", "detcon_b": "detcon_b_small_cpu",
-           "maskco": "maskco_small_cpu", "soco": "soco_small_cpu", "detco": "detco_small_cpu",
+           "maskco": "maskco_small_cpu", "soco": "soco_small_cpu", "soco_c4": "soco_c4_small_cpu",
+           "detco": "detco_small_cpu",
            "ccmim": "ccmim_small_cpu"}
 BASELINE = "mocov2"
 TARGET = 0.10

@@ -26,6 +26,7 @@ RUNS = {                                   # name: (small config, extra override
     "detcon_s": ("detcon_s_small_cpu", ["data.options.mask_source=grid"]),
     "maskco": ("maskco_small_cpu", []),
     "maskco_inter": ("maskco_small_cpu", ["model.intra=false", "model.mph_blocks=1"]),   # the recipe is MaskCo(+in)
+    "soco_c4": ("soco_c4_small_cpu", ["eval.every=0"]),   # SoCo's C4 head at a 4x4 RoI grid
 }
 
 
