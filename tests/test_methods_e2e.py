@@ -92,7 +92,7 @@ def test_method_trains_checkpoints_resumes_and_exports(name, sample_shards, tmp_
         return
     export_main(cli)
     ema = torch.load(tmp_path / "target" / "backbone_torchvision.pth", weights_only=True)
-    prefix = "target_backbone." if name.startswith("detcon") else "key_backbone."
+    prefix = {"detcon": "target_backbone.", "soco": "target.0."}.get(name.split("_")[0], "key_backbone.")
     model = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(ema[k], model[prefix + k]) for k in ema)
     assert not torch.equal(ema["conv1.weight"], exported["conv1.weight"])
