@@ -30,7 +30,9 @@ PLAN_KEYS = {
     "mocov2": {"views", "index"},
 }
 PLAN_KEYS["soco_star"] = PLAN_KEYS["soco"] | {"boxes4", "ids4", "valid4"}
+PLAN_KEYS["soco_c4"] = PLAN_KEYS["soco"] - {"boxes1_3", "ids1_3", "valid1_3", "boxes3", "ids3", "valid3"}
 VIEWS = {"soco": {"view1", "view2", "view3"}, "soco_star": {"view1", "view2", "view3", "view4"},
+         "soco_c4": {"view1", "view2"},
          "detcon": {"view1", "view2"}, "maskco": {"query", "key"}, "mocov2": {"query", "key"}}
 BATCH = 4
 

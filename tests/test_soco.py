@@ -185,7 +185,8 @@ def test_unknown_model_key_is_rejected():
         get("nosuchmethod")
 
 
-@pytest.mark.parametrize("variant,recipe,options", [("star", "soco_star", {}), ("c4", "soco", {"scale2": (0.6, 1.0)})])
+@pytest.mark.parametrize("variant,recipe,options", [("star", "soco_star", {}), ("c4", "soco_c4", {}),
+                                                    ("c4", "soco", {"scale2": (0.6, 1.0)})])
 def test_variants_consume_real_loader_batches(sample_shards, variant, recipe, options):
     """The loader's recipe and the method agree on the batch contract (keys, pixel boxes)."""
     from train.loader import build_loader
@@ -199,6 +200,21 @@ def test_variants_consume_real_loader_batches(sample_shards, variant, recipe, op
         for box_set in pair[:2]:
             size = batch[box_set.view].shape[-1]
             assert batch[box_set.boxes].min() >= 0 and batch[box_set.boxes].max() <= size, box_set.boxes
+
+
+def test_the_c4_recipe_draws_no_third_view_and_the_fpn_variant_says_which_recipe_it_needs(sample_shards):
+    from train.loader import build_loader
+    from train.loader.recipes import Recipe
+    c4 = build_loader("soco_c4", sample_shards, 2, backend="reference", num_workers=0, image_size=64)
+    batch = next(iter(c4))
+    assert "view3" not in batch and "boxes3" not in batch and batch["view2"].shape[-1] == 64
+    assert Recipe("soco_c4").cfg["scale2"] == (0.6, 1.0)          # the C4 scripts' V2 crop
+    with pytest.raises(ValueError, match="no parameters"):         # V3's knobs are not silently ignored
+        Recipe("soco_c4", scale3=(0.2, 1.0))
+    torch.manual_seed(0)
+    fpn = get("soco").build({"model": dict(variant="fpn", **TINY)})
+    with pytest.raises(ValueError, match="SoCo fpn needs view3 and boxes3 .* use data.recipe soco"):
+        fpn(batch)
 
 
 def test_valid_mask_excludes_boxes_like_padding_ids():

@@ -100,7 +100,7 @@ def test_config_overrides_and_base(tmp_path):
 
 def test_shipped_configs_build(tmp_path):
     for name, variant in [("soco_r50_fpn", "fpn"), ("soco_star_r50_fpn", "star"), ("soco_r50_c4", "c4"),
-                          ("soco_small_cpu", "fpn")]:
+                          ("soco_small_cpu", "fpn"), ("soco_c4_small_cpu", "c4")]:
         cfg = load_config(f"train/configs/{name}.yaml")
         assert cfg["method"] == "soco" and cfg["model"]["variant"] == variant
     small = load_config("train/configs/soco_small_cpu.yaml")

@@ -3,7 +3,8 @@
 Variants (config `model.variant`):
   fpn   ResNet + FPN P2..P5 + RoIAlign 7x7 + 4conv1fc head; pairs (1,2) and (1,3).
   star  SoCo*: as fpn plus the pair (1,4) (loader recipe `soco_star`).
-  c4    RoIAlign 14x14 on res4, res5 as the head, avg-pool; pair (1,2) only.
+  c4    RoIAlign 14x14 on res4, res5 as the head, avg-pool; pair (1,2) only (loader recipe
+        `soco_c4`: V1 and V2, no V3).
 `model.roi_size` overrides the RoIAlign side (7 FPN, 14 C4), e.g. for small views.
 Unlike the paper's code, each box is RoI-aligned only at its assigned FPN level: the
 paper pools every box on all four levels but its correspondence matrix only ever
@@ -61,12 +62,16 @@ class SoCoRecipe(Recipe):
     def box_sets(self) -> tuple[BoxSet, ...]:
         return self.BOX_SETS + ((BOXES4,) if self.cfg["star"] else ())
 
+    def drawn_pairs(self) -> list[tuple]:
+        """(pair, view size, crop scale) of each V1-Vi pair this recipe draws, in draw order."""
+        c = self.cfg
+        return [(PAIRS["fpn"][0], c["size"], c["scale2"]), (PAIRS["fpn"][1], c["size3"], c["scale3"])]
+
     def plan(self, W, H, boxes, draw, rng) -> Plan:
         c = self.cfg
         v1 = G.View(0, 0, W, H, c["size"], c["size"], draw.coin(0.5))
         plan = Plan({V1: v1})
-        for (set_1, set_v, _), size, scale in ((PAIRS["fpn"][0], c["size"], c["scale2"]),
-                                            (PAIRS["fpn"][1], c["size3"], c["scale3"])):
+        for (set_1, set_v, _), size, scale in self.drawn_pairs():
             least = c["k"] // 2
             for _ in range(c["max_tries"]):  # SoCo: retry the crop, halving what is enough
                 x0, y0, w, h = draw.crop(W, H, scale)
@@ -86,7 +91,7 @@ class SoCoRecipe(Recipe):
             plan.boxes[set_1.boxes] = (set_1.view, G.jitter(rng, box_a, c["jitter_prob"], c["jitter_ratio"]))
             plan.boxes[set_v.boxes] = (set_v.view, box_b)
             plan.ids[set_1.ids] = plan.ids[set_v.ids] = ids
-        if c["star"]:  # V4: V2's crop at size4 with its own flip, V2's boxes
+        if c.get("star"):  # V4: V2's crop at size4 with its own flip, V2's boxes
             v2 = plan.views[BOXES2.view]
             plan.views[BOXES4.view] = G.View(v2.x0, v2.y0, v2.w, v2.h, c["size4"], c["size4"], draw.coin(0.5))
             plan.boxes[BOXES4.boxes] = (BOXES4.view, plan.boxes[BOXES2.boxes][1])
@@ -98,6 +103,26 @@ class SoCoStarRecipe(SoCoRecipe):
     """SoCo*: V3 at 192 and V4 = V2 resized to 112 (methods.md 1.3)."""
     name = "soco_star"
     DEFAULTS = {**SoCoRecipe.DEFAULTS, "star": True, "size3": 192}
+
+
+class SoCoC4Recipe(SoCoRecipe):
+    """SoCo C4: V1 and V2 only (the C4 head trains the pair (1,2); methods.md 1.5), V2 cropped
+    at scale 0.6-1 as the C4 scripts do. No V3 is drawn, decoded or augmented."""
+    name = "soco_c4"
+    DEFAULTS = {**{k: v for k, v in SoCoRecipe.DEFAULTS.items() if k not in ("size3", "scale3", "star", "size4")},
+                "scale2": (0.6, 1.0)}
+    SCALED = ()
+    BOX_SETS = (BOXES1_2, BOXES2)
+
+    def view_specs(self) -> list[ViewSpec]:
+        return [ViewSpec(V1, self.cfg["size"], "byol1"), ViewSpec(V2, self.cfg["size"], "byol2")]
+
+    @property
+    def box_sets(self) -> tuple[BoxSet, ...]:
+        return self.BOX_SETS
+
+    def drawn_pairs(self) -> list[tuple]:
+        return [(PAIRS["c4"][0], self.cfg["size"], self.cfg["scale2"])]
 
 
 @dataclass
@@ -214,6 +239,11 @@ class SoCo(Method):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
         # Level bounds are for 224-px views; smaller recipes scale them by V1's size.
         level_scale = batch[V1].shape[-1] / REFERENCE_SIZE
+        for _, b, _ in self.pairs:
+            if b.boxes not in batch:
+                raise ValueError(f"SoCo {self.variant} needs {b.view} and {b.boxes} in its batches, which "
+                                 f"carry {sorted(batch)}: use data.recipe soco (soco_star for the star "
+                                 "variant), not soco_c4")
         views = sorted({b.view for pair in self.pairs for b in pair[:2]})
         branch = self._online
         online = {v: self._maps(branch, batch[v]) for v in views}
