@@ -92,8 +92,7 @@ def decode_label_png(data: bytes, what: str = "label map PNG") -> np.ndarray:
 
 def decode_bitfield(bits: np.ndarray, num_masks: int) -> np.ndarray:
     """bool (num_masks, H, W) from a 16-bit bitfield: mask i = bit i."""
-    if not 0 <= num_masks <= MAX_MASKS:
-        raise MemberError(f"{num_masks} masks do not fit a {MAX_MASKS}-bit bitfield")
+    check_mask_count(num_masks)
     k = np.arange(num_masks, dtype=np.uint16)
     return ((np.asarray(bits, np.uint16)[None] >> k[:, None, None]) & 1).astype(bool)
 
@@ -109,11 +108,15 @@ def bitfield_labels(bits: np.ndarray) -> np.ndarray:
     return _LOWEST_BIT[np.asarray(bits, np.uint16)]
 
 
+def check_mask_count(num_masks: int, what: str | None = None) -> None:
+    if not 0 <= num_masks <= MAX_MASKS:
+        raise MemberError(f"{what + ': ' if what else ''}{num_masks} masks do not fit a {MAX_MASKS}-bit bitfield")
+
+
 def check_bitfield(bits: np.ndarray, num_masks: int, what: str = "bitfield PNG") -> None:
     """A bitfield of `num_masks` masks: the count fits and no bit at or above it is set
     (such a bit would be a mask no index row counts)."""
-    if not 0 <= num_masks <= MAX_MASKS:
-        raise MemberError(f"{what}: {num_masks} masks do not fit a {MAX_MASKS}-bit bitfield")
+    check_mask_count(num_masks, what)
     if num_masks < MAX_MASKS and (np.asarray(bits, np.uint16) >> num_masks).any():
         raise MemberError(f"{what} sets bits of masks beyond the {num_masks} the sample counts")
 

@@ -51,16 +51,17 @@ class SoCoRecipe(Recipe):
     DEFAULTS = dict(size=224, size3=112, scale2=(0.5, 1.0), scale3=(0.5, 1.0), k=4, max_tries=5,
                     jitter_prob=0.5, jitter_ratio=0.1, colour=True, star=False, size4=112)
     SCALED = ("size3", "size4")
-    BOX_SETS = (BOXES1_2, BOXES2, BOXES1_3, BOXES3)
 
-    def view_specs(self) -> list[ViewSpec]:
-        c, s = self.cfg, self.cfg["size"]
-        views = [ViewSpec(V1, s, "byol1"), ViewSpec(V2, s, "byol2"), ViewSpec(V3, c["size3"], "byol2")]
-        return views + ([ViewSpec(V4, c["size4"], "byol2")] if c["star"] else [])
+    def view_specs(self) -> list[ViewSpec]:  # V1, then the other view of each drawn pair (, V4)
+        c = self.cfg
+        views = [ViewSpec(V1, c["size"], "byol1")]
+        views += [ViewSpec(set_v.view, size, "byol2") for (_, set_v, _), size, _ in self.drawn_pairs()]
+        return views + ([ViewSpec(V4, c["size4"], "byol2")] if c.get("star") else [])
 
     @property
     def box_sets(self) -> tuple[BoxSet, ...]:
-        return self.BOX_SETS + ((BOXES4,) if self.cfg["star"] else ())
+        sets = tuple(b for (set_1, set_v, _), _, _ in self.drawn_pairs() for b in (set_1, set_v))
+        return sets + ((BOXES4,) if self.cfg.get("star") else ())
 
     def drawn_pairs(self) -> list[tuple]:
         """(pair, view size, crop scale) of each V1-Vi pair this recipe draws, in draw order."""
@@ -112,14 +113,6 @@ class SoCoC4Recipe(SoCoRecipe):
     DEFAULTS = {**{k: v for k, v in SoCoRecipe.DEFAULTS.items() if k not in ("size3", "scale3", "star", "size4")},
                 "scale2": (0.6, 1.0)}
     SCALED = ()
-    BOX_SETS = (BOXES1_2, BOXES2)
-
-    def view_specs(self) -> list[ViewSpec]:
-        return [ViewSpec(V1, self.cfg["size"], "byol1"), ViewSpec(V2, self.cfg["size"], "byol2")]
-
-    @property
-    def box_sets(self) -> tuple[BoxSet, ...]:
-        return self.BOX_SETS
 
     def drawn_pairs(self) -> list[tuple]:
         return [(PAIRS["c4"][0], self.cfg["size"], self.cfg["scale2"])]
