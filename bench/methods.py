@@ -101,7 +101,7 @@ class Setup:
         from train.config import load_config
         from train.loader import build_loader
         from train.optim import build_optimizer, build_scheduler
-        from train.methods import build_method
+        from train.methods import build_method, recipe_name
         config, extra = METHODS[name]
         vit = [f"model.backbone_options.img_size={image_size}"] if name.startswith("ccmim") else []  # ViT grid = view
         self.cfg = load_config(CONFIGS / f"{config}.yaml", [
@@ -113,7 +113,7 @@ class Setup:
         self.scheduler = build_scheduler(self.optimizer, self.cfg, total, total)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
         options = self.cfg["data"].get("options") or {}
-        loader = build_loader(module.RECIPE, str(shards), batch, backend="reference", num_workers=0,
+        loader = build_loader(recipe_name(self.cfg, module, self.method), str(shards), batch, backend="reference", num_workers=0,
                               seed=0, image_size=image_size, **options)
         it = iter(loader)
         self.batches = [next(it) for _ in range(n_batches)]

@@ -39,11 +39,11 @@ class ComputeOnly:
     def __init__(self, cfg: dict):
         from train.loader import build_loader
         from train.optim import build_optimizer, build_scheduler
-        from train.methods import build_method
+        from train.methods import build_method, recipe_name
         torch.manual_seed(0)
         module, self.method = build_method(cfg)
         self.method.train()
-        loader = build_loader(module.RECIPE, cfg["data"]["shards"], cfg["data"]["batch_size"],
+        loader = build_loader(recipe_name(cfg, module, self.method), cfg["data"]["shards"], cfg["data"]["batch_size"],
                               backend="reference", num_workers=0, image_size=cfg["data"]["image_size"])
         self.batch = next(iter(loader))
         self.opt = build_optimizer(self.method, cfg, cfg["data"]["batch_size"])

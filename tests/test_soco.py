@@ -205,16 +205,42 @@ def test_variants_consume_real_loader_batches(sample_shards, variant, recipe, op
 def test_the_c4_recipe_draws_no_third_view_and_the_fpn_variant_says_which_recipe_it_needs(sample_shards):
     from train.loader import build_loader
     from train.loader.recipes import Recipe
+    from train.methods import check_recipe, recipe_name
+    from train.schema import ConfigError
     c4 = build_loader("soco_c4", sample_shards, 2, backend="reference", num_workers=0, image_size=64)
     batch = next(iter(c4))
     assert "view3" not in batch and "boxes3" not in batch and batch["view2"].shape[-1] == 64
+    assert set(c4.recipe.batch_keys) <= set(batch)                 # the keys the check reads are the batch's
     assert Recipe("soco_c4").cfg["scale2"] == (0.6, 1.0)          # the C4 scripts' V2 crop
     with pytest.raises(ValueError, match="no parameters"):         # V3's knobs are not silently ignored
         Recipe("soco_c4", scale3=(0.2, 1.0))
     torch.manual_seed(0)
-    fpn = get("soco").build({"model": dict(variant="fpn", **TINY)})
-    with pytest.raises(ValueError, match="SoCo fpn needs view3 and boxes3 .* use data.recipe soco"):
-        fpn(batch)
+    module = get("soco")
+    fpn = module.build({"model": dict(variant="fpn", **TINY)})
+    with pytest.raises(ConfigError, match="data.recipe=soco_c4: its batches carry no boxes1_3, ids1_3, view3, boxes3, ids3, "
+                                          "which method soco reads here; set data.recipe=soco "):
+        check_recipe(fpn, "soco", "soco_c4", c4.recipe.batch_keys)
+    c4_method = module.build({"model": dict(variant="c4", **TINY)})
+    check_recipe(c4_method, "soco", "soco_c4", c4.recipe.batch_keys)          # C4 reads V1, V2 only
+    assert recipe_name({"data": {"recipe": None}}, module, c4_method) == "soco_c4"   # its own when null
+    assert recipe_name({"data": {"recipe": None}}, module, fpn) == "soco"
+    assert recipe_name({"data": {"recipe": "soco_star"}}, module, c4_method) == "soco_star"   # data.recipe wins
+    star = module.build({"model": dict(variant="star", **TINY)})
+    soco = build_loader("soco", sample_shards, 2, backend="reference", num_workers=0, image_size=64)
+    with pytest.raises(ConfigError, match="carry no view4, boxes4, ids4.*set data.recipe=soco_star"):
+        check_recipe(star, "soco", "soco", soco.recipe.batch_keys)
+
+
+def test_the_trainer_refuses_a_recipe_the_method_cannot_read_before_the_first_step(sample_shards, tmp_path):
+    from train.config import load_config
+    from train.pretrain import train
+    from train.schema import ConfigError
+    cfg = load_config("train/configs/soco_small_cpu.yaml", [
+        f"data.shards={sample_shards}", "data.batch_size=2", "data.recipe=soco_c4", f"train.out={tmp_path / 'run'}",
+        "train.steps=1", "eval.every=0", "train.tensorboard=false"])
+    with pytest.raises(ConfigError, match="set data.recipe=soco "):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
 def test_valid_mask_excludes_boxes_like_padding_ids():

@@ -49,7 +49,7 @@ from train import checkpoint, distributed
 from train.callbacks import TrainContext, build_callbacks
 from train.config import ConfigError, load_config, resolve
 from train.loader.prefetch import Prefetch
-from train.methods import build_method
+from train.methods import build_method, check_recipe, recipe_name
 from train.loader import ShardReadError
 from train.metrics import Metrics
 from train.optim import (apply_ramp, build_optimizer, build_scheduler, clip_gradients,
@@ -191,8 +191,9 @@ def train(cfg: dict) -> dict:
         method = method.to(memory_format=torch.channels_last)
     seed_all(seed + 1000 * info.rank)
 
-    recipe = data["recipe"] or module.RECIPE
+    recipe = recipe_name(cfg, module, method)
     loader = make_loader(cfg, recipe, per_rank, info)
+    check_recipe(method, cfg["method"], recipe, loader.recipe.batch_keys)
     num_samples = int(loader.state_dict()["num_samples"])
     if global_batch > num_samples:
         raise ConfigError(f"data.batch_size={global_batch} is larger than the {num_samples} samples in "

@@ -301,7 +301,7 @@ def time_r50_compute(a: Args, overrides: list[str], steps: int) -> dict:
     import torch
     from train.config import load_config
     from train.loader import build_loader
-    from train.methods import build_method
+    from train.methods import build_method, recipe_name
     from train.optim import build_optimizer, build_scheduler
     from train.pretrain import autocast_dtype, to_device, train_step
     cfg = load_config(REPO / "train/configs/soco_r50_fpn.yaml", overrides)
@@ -312,7 +312,7 @@ def time_r50_compute(a: Args, overrides: list[str], steps: int) -> dict:
     if a.gpu:
         method = method.to(memory_format=torch.channels_last)
     bs = cfg["data"]["batch_size"]
-    loader = build_loader(module.RECIPE, cfg["data"]["shards"], bs, backend="dali", device_id=a.device_id,
+    loader = build_loader(recipe_name(cfg, module, method), cfg["data"]["shards"], bs, backend="dali", device_id=a.device_id,
                           num_workers=a.threads, image_size=cfg["data"].get("image_size"))
     batch = to_device(next(iter(loader)), device, a.gpu)
     opt = build_optimizer(method, cfg, bs)

@@ -36,10 +36,20 @@ class Method(nn.Module):
                                           gives the EMA target network's modules
       find_unused_parameters: bool        passed to DDP (True when some heads may get
                                           no gradient in a step)
+      recipe: str | None                  the loader recipe this instance consumes when
+                                          data.recipe is null (None = the module's RECIPE;
+                                          e.g. SoCo's c4 variant: soco_c4)
+      batch_keys() -> tuple[str, ...]     the batch keys its forward reads; the trainer
+                                          refuses a recipe whose batches lack one before the
+                                          first step (`check_recipe`)
     """
 
     optimizer: str = "lars"
     find_unused_parameters: bool = False
+    recipe: str | None = None
+
+    def batch_keys(self) -> tuple[str, ...]:
+        return ()
 
     def momentum_update(self, step: int, total_steps: int) -> None:
         return None
@@ -91,6 +101,23 @@ class MomentumEncoderMethod(Method):
     def momentum_update(self, step: int, total_steps: int) -> None:
         ema_update(self.backbone, self.key_backbone, self.momentum)               # constant m
         ema_update(self.head, self.key_head, self.momentum)
+
+
+def recipe_name(cfg: dict, module: ModuleType, method: Method) -> str:
+    """The loader recipe a run of `method` consumes: data.recipe, else the instance's own
+    (`method.recipe`), else the module's RECIPE."""
+    return ((cfg or {}).get("data") or {}).get("recipe") or method.recipe or module.RECIPE
+
+
+def check_recipe(method: Method, method_name: str, recipe: str, recipe_keys) -> None:
+    """Refuse (ConfigError, naming data.recipe and the recipe to use) a loader recipe whose
+    batches lack a key `method.batch_keys()` names."""
+    missing = [k for k in method.batch_keys() if k not in set(recipe_keys)]
+    if missing:
+        from train.schema import ConfigError
+        own = method.recipe or get(method_name).RECIPE
+        raise ConfigError(f"data.recipe={recipe}: its batches carry no {', '.join(missing)}, which method "
+                          f"{method_name} reads here; set data.recipe={own} (or null: this method's own)")
 
 
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:

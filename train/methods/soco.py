@@ -43,6 +43,7 @@ BOXES4 = BoxSet("boxes4", V4, "ids4", "valid4")           # SoCo*: V4 = V2 resiz
 PAIRS = {"fpn": [(BOXES1_2, BOXES2, "loss_12"), (BOXES1_3, BOXES3, "loss_13")],
          "c4": [(BOXES1_2, BOXES2, "loss_12")]}
 PAIRS["star"] = PAIRS["fpn"] + [(BOXES1_2, BOXES4, "loss_14")]
+VARIANT_RECIPES = {"fpn": RECIPE, "star": "soco_star", "c4": "soco_c4"}   # the recipe each variant's batches come from
 
 
 class SoCoRecipe(Recipe):
@@ -190,6 +191,7 @@ class SoCo(Method):
                              f"model.backbone is a {getattr(backbone, 'family', '?')} backbone")
         self.variant, self.ema_base = variant, ema_base
         self.pairs = PAIRS[variant]
+        self.recipe = VARIANT_RECIPES[variant]
         self.backbone = backbone
         self.register_buffer("level_ranges", torch.tensor(level_ranges, dtype=torch.float32),
                              persistent=False)
@@ -229,14 +231,13 @@ class SoCo(Method):
             feats = branch[2](pool_boxes(maps, boxes, levels, view_size, self.roi_size))
         return branch[-1](feats).reshape(B, K, -1)
 
+    def batch_keys(self) -> tuple[str, ...]:
+        """Each pair's views, boxes and ids (a `valid` mask is optional)."""
+        return tuple(dict.fromkeys(k for pair in self.pairs for b in pair[:2] for k in (b.view, b.boxes, b.ids)))
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
         # Level bounds are for 224-px views; smaller recipes scale them by V1's size.
         level_scale = batch[V1].shape[-1] / REFERENCE_SIZE
-        for _, b, _ in self.pairs:
-            if b.boxes not in batch:
-                raise ValueError(f"SoCo {self.variant} needs {b.view} and {b.boxes} in its batches, which "
-                                 f"carry {sorted(batch)}: use data.recipe soco (soco_star for the star "
-                                 "variant), not soco_c4")
         views = sorted({b.view for pair in self.pairs for b in pair[:2]})
         branch = self._online
         online = {v: self._maps(branch, batch[v]) for v in views}
