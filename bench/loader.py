@@ -35,7 +35,7 @@ from common.io import atomic_write_text
 from common.progress import Progress
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader.json"
-RECIPES = ("soco", "soco_star", "detcon", "maskco", "mocov2", "detco")
+RECIPES = ("soco", "soco_star", "soco_c4", "detcon", "maskco", "mocov2", "detco", "ccmim")
 TARGETS = {"soco_vs_reference": 2.0, "soco_vs_bound": 0.3, "soco_checked_vs_unchecked": 0.95}
 
 
