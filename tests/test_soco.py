@@ -241,6 +241,19 @@ def test_the_trainer_refuses_a_recipe_the_method_cannot_read_before_the_first_st
     with pytest.raises(ConfigError, match="set data.recipe=soco "):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    # the c4 variant with data.recipe null reads its own recipe, soco_c4, whose options are checked
+    c4 = ["model.variant=c4", "model.roi_size=2", "data.recipe=null"]
+    bad = load_config("train/configs/soco_small_cpu.yaml", [
+        f"data.shards={sample_shards}", "data.batch_size=2", f"train.out={tmp_path / 'bad'}", "train.steps=1",
+        "eval.every=0", "train.tensorboard=false", "data.options.size3=16", *c4])   # soco takes size3
+    with pytest.raises(ConfigError, match="data.recipe=soco_c4: unknown key 'data.options.size3'"):
+        train(bad)
+    good = load_config("train/configs/soco_small_cpu.yaml", [
+        f"data.shards={sample_shards}", "data.batch_size=2", f"train.out={tmp_path / 'c4'}", "train.steps=1",
+        "eval.every=0", "train.tensorboard=false", "export.enabled=false", *c4])
+    train(good)
+    records = (tmp_path / "c4" / "metrics.jsonl").read_text()
+    assert '"loss_12"' in records and '"loss_13"' not in records     # one pair: V1 and V2 only
 
 
 def test_valid_mask_excludes_boxes_like_padding_ids():

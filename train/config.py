@@ -116,18 +116,26 @@ def resolve(raw: dict, where: Any = "the config") -> dict:
                        ("train.log_every", train["log_every"])):
         if value < 1:
             raise ConfigError(f"{src(key)}: {key}={value} must be >= 1")
-    recipe = data["recipe"] or module.RECIPE
+    # the module's RECIPE when data.recipe is null: a variant's own recipe (Method.recipe) is
+    # known once the method is built, and the trainer checks the options against it then
+    check_recipe_options(data["recipe"] or module.RECIPE, data["options"], src)
+    return out
+
+
+def check_recipe_options(recipe: str, options: dict, where: Any = "the config") -> None:
+    """Refuse (ConfigError) an unknown recipe or a `data.options` key that `recipe` does not
+    take, naming the key and the near ones."""
+    src = where if callable(where) else (lambda _key: where)
     try:
         known = _recipe_defaults(recipe)
     except ValueError as e:
         raise ConfigError(f"{src('data.recipe')}: {e}") from None
-    for key in data["options"]:
+    for key in options or {}:
         if key not in known:
             near = difflib.get_close_matches(str(key), list(known), n=3)
             hint = f"; did you mean {', '.join('data.options.' + n for n in near)}?" if near else \
                 f"; recipe {recipe!r} takes {', '.join(sorted(known))}"
             raise ConfigError(f"{src('data.options.' + key)}: unknown key 'data.options.{key}'{hint}")
-    return out
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:

@@ -47,7 +47,7 @@ from common.io import DiskFullError
 from common.progress import format_duration
 from train import checkpoint, distributed
 from train.callbacks import TrainContext, build_callbacks
-from train.config import ConfigError, load_config, resolve
+from train.config import ConfigError, check_recipe_options, load_config, resolve
 from train.loader.prefetch import Prefetch
 from train.methods import build_method, check_recipe, recipe_name
 from train.loader import ShardReadError
@@ -192,6 +192,7 @@ def train(cfg: dict) -> dict:
     seed_all(seed + 1000 * info.rank)
 
     recipe = recipe_name(cfg, module, method)
+    check_recipe_options(recipe, data["options"], f"data.recipe={recipe}")
     loader = make_loader(cfg, recipe, per_rank, info)
     check_recipe(method, cfg["method"], recipe, loader.recipe.batch_keys)
     num_samples = int(loader.state_dict()["num_samples"])
