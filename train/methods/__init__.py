@@ -112,10 +112,11 @@ def recipe_name(cfg: dict, module: ModuleType, method: Method) -> str:
 def check_recipe(method: Method, method_name: str, recipe: str, recipe_keys) -> None:
     """Refuse (ConfigError, naming data.recipe and the recipe to use) a loader recipe whose
     batches lack a key `method.batch_keys()` names."""
-    missing = [k for k in method.batch_keys() if k not in set(recipe_keys)]
+    have = set(recipe_keys)
+    missing = [k for k in method.batch_keys() if k not in have]
     if missing:
         from train.schema import ConfigError
-        own = method.recipe or get(method_name).RECIPE
+        own = recipe_name({}, get(method_name), method)
         raise ConfigError(f"data.recipe={recipe}: its batches carry no {', '.join(missing)}, which method "
                           f"{method_name} reads here; set data.recipe={own} (or null: this method's own)")
 

@@ -43,7 +43,6 @@ BOXES4 = BoxSet("boxes4", V4, "ids4", "valid4")           # SoCo*: V4 = V2 resiz
 PAIRS = {"fpn": [(BOXES1_2, BOXES2, "loss_12"), (BOXES1_3, BOXES3, "loss_13")],
          "c4": [(BOXES1_2, BOXES2, "loss_12")]}
 PAIRS["star"] = PAIRS["fpn"] + [(BOXES1_2, BOXES4, "loss_14")]
-VARIANT_RECIPES = {"fpn": RECIPE, "star": "soco_star", "c4": "soco_c4"}   # the recipe each variant's batches come from
 
 
 class SoCoRecipe(Recipe):
@@ -117,6 +116,9 @@ class SoCoC4Recipe(SoCoRecipe):
 
     def drawn_pairs(self) -> list[tuple]:
         return [(PAIRS["c4"][0], self.cfg["size"], self.cfg["scale2"])]
+
+
+VARIANT_RECIPES = {"fpn": SoCoRecipe.name, "star": SoCoStarRecipe.name, "c4": SoCoC4Recipe.name}   # each variant's batches
 
 
 @dataclass
