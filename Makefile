@@ -17,7 +17,7 @@ BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.txt | sha1sum | cut
 
 .PHONY: setup setup-bench test demo sample proposals shards verify stats report pretrain \
         bench bench-preprocess bench-shards bench-stats bench-report bench-loader bench-train bench-methods clean \
-        gpu-check eval bench-learn
+        gpu-check eval bench-learn bench-learn-samples
 
 setup: $(REQ_STAMP)
 $(REQ_STAMP): requirements.txt
@@ -101,16 +101,30 @@ eval: setup
 # method, probes it against random init -> bench/results/learn.json. Long (~55 min on 2 idle cores).
 LEARN_TRAIN_ARGS ?= --scene 192 --object 192 --seed 0
 LEARN_TEST_ARGS ?= --scene 96 --object 32 --seed 1
-bench-learn: setup
-	@for spec in "sample_learn384|$(LEARN_TRAIN_ARGS)" "sample_eval|$(LEARN_TEST_ARGS)"; do \
-	  name=$${spec%%|*}; args=$${spec#*|}; \
+# $(call build_samples,"NAME|preprocess.sample args" ...): each built-in sample under $(WORK_DIR)
+# through preprocessing and shards, once (skipped when its shards exist).
+build_samples = for spec in $(1); do \
+	  name=$${spec%%|*}; args=$${spec\#*|}; \
 	  test -f $(WORK_DIR)/$$name/shards/manifest.json && continue; \
 	  $(PY) -m preprocess.sample --out $(WORK_DIR)/$$name/raw $$args && \
 	  $(PY) -m preprocess.job --dataset sample --root $(WORK_DIR)/$$name/raw --name $$name && \
 	  $(PY) -m shards.write --dataset $$name || exit 1; \
 	done
+bench-learn: setup
+	@$(call build_samples,"sample_learn384|$(LEARN_TRAIN_ARGS)" "sample_eval|$(LEARN_TEST_ARGS)")
 	$(PY) -m bench.learn --train-shards $(WORK_DIR)/sample_learn384/shards \
 	  --test-shards $(WORK_DIR)/sample_eval/shards $(BENCH_LEARN_ARGS)
+
+# The same, each run also probed on three more held-out samples (seeds 2, 3, 4): how much of a
+# row is its one test sample. BENCH_LEARN_ARGS picks methods, e.g. '--methods soco'.
+bench-learn-samples: setup
+	@$(call build_samples,"sample_learn384|$(LEARN_TRAIN_ARGS)" "sample_eval|$(LEARN_TEST_ARGS)" \
+	  "sample_seed2|--scene 96 --object 32 --seed 2" "sample_seed3|--scene 96 --object 32 --seed 3" \
+	  "sample_seed4|--scene 96 --object 32 --seed 4")
+	$(PY) -m bench.learn --train-shards $(WORK_DIR)/sample_learn384/shards \
+	  --test-shards $(WORK_DIR)/sample_eval/shards \
+	  --also-test $(WORK_DIR)/sample_seed2/shards $(WORK_DIR)/sample_seed3/shards $(WORK_DIR)/sample_seed4/shards \
+	  --out bench/results/learn_samples.json --merge $(BENCH_LEARN_ARGS)
 
 bench: bench-preprocess bench-shards bench-stats bench-loader bench-train bench-methods
 

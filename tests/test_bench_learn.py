@@ -1,7 +1,7 @@
 """`make bench-learn` end to end on the tiny sample (2 training steps: this checks the bench's
 plumbing, not that anything learns -- bench/results/learn.json holds the real run): the real
 trainer as a subprocess, the crop-probe target against random init, MoCo v2's ln(K+1), and
---merge keeping the other methods' rows."""
+--merge keeping the other methods' rows, and --also-test probing a run on a further sample."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import math
 from bench import learn
 
 
-def test_bench_learn_trains_probes_against_random_and_merges_rows(sample_shards, tmp_path, monkeypatch):
+def test_bench_learn_trains_probes_against_random_merges_rows_and_probes_further_samples(sample_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("WORK_DIR", str(tmp_path / "work"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "learn.json"
@@ -19,7 +19,7 @@ def test_bench_learn_trains_probes_against_random_and_merges_rows(sample_shards,
              "eval.every=0 train.log_every=1")
     assert learn.main(["--train-shards", str(sample_shards), "--test-shards", str(sample_shards),
                        "--methods", "mocov2", "--extra", extra, "--image-size", "64", "--out", str(out),
-                       "--merge"]) == 0
+                       "--merge", "--also-test", str(sample_shards)]) == 0
     doc = json.loads(out.read_text())
     assert doc["methods"]["soco"] == {"kept": True}                 # --merge keeps the other rows
     row = doc["methods"]["mocov2"]
@@ -28,6 +28,12 @@ def test_bench_learn_trains_probes_against_random_and_merges_rows(sample_shards,
     assert row["target"]["lo"] <= row["target"]["diff"] <= row["target"]["hi"]
     assert row["target"]["met"] == (row["target"]["diff"] >= learn.TARGET)
     assert row["ln_k_plus_1"] == math.log(9)
+    # the further sample is the test sample again: the same network probed twice, the same figure
+    (again,) = row["target"]["also"]
+    assert again["test_shards"] == str(sample_shards)
+    assert (again["diff"], again["lo"], again["hi"]) == (row["target"]["diff"], row["target"]["lo"], row["target"]["hi"])
+    assert row["target"]["samples"] == 2 and row["target"]["mean_over_samples"] == row["target"]["diff"]
+    assert row["target"]["met_on_samples"] == 2 * row["target"]["met"]
     scopes = {r["scope"] for r in row["results"]}
     assert scopes == {"image", "object", "crop"}
     assert {r["network"] for r in row["results"]} == {"pretrained", "random"}
