@@ -101,6 +101,8 @@ eval: setup
 # method, probes it against random init -> bench/results/learn.json. Long (~55 min on 2 idle cores).
 LEARN_TRAIN_ARGS ?= --scene 192 --object 192 --seed 0
 LEARN_TEST_ARGS ?= --scene 96 --object 32 --seed 1
+# bench-learn-samples' further samples (seeds 2, 3, 4 appended)
+LEARN_FURTHER_ARGS ?= --scene 96 --object 32
 # $(call build_samples,"NAME|preprocess.sample args" ...): each built-in sample under $(WORK_DIR)
 # through preprocessing and shards, once (skipped when its shards exist).
 build_samples = for spec in $(1); do \
@@ -119,8 +121,8 @@ bench-learn: setup
 # row is its one test sample. BENCH_LEARN_ARGS picks methods, e.g. '--methods soco'.
 bench-learn-samples: setup
 	@$(call build_samples,"sample_learn384|$(LEARN_TRAIN_ARGS)" "sample_eval|$(LEARN_TEST_ARGS)" \
-	  "sample_seed2|--scene 96 --object 32 --seed 2" "sample_seed3|--scene 96 --object 32 --seed 3" \
-	  "sample_seed4|--scene 96 --object 32 --seed 4")
+	  "sample_seed2|$(LEARN_FURTHER_ARGS) --seed 2" "sample_seed3|$(LEARN_FURTHER_ARGS) --seed 3" \
+	  "sample_seed4|$(LEARN_FURTHER_ARGS) --seed 4")
 	$(PY) -m bench.learn --train-shards $(WORK_DIR)/sample_learn384/shards \
 	  --test-shards $(WORK_DIR)/sample_eval/shards \
 	  --also-test $(WORK_DIR)/sample_seed2/shards $(WORK_DIR)/sample_seed3/shards $(WORK_DIR)/sample_seed4/shards \

@@ -89,7 +89,6 @@ def main(argv=None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="keep the other methods' rows already in --out (rerun some methods only)")
     a = p.parse_args(argv)
-    from train.eval.probes import find
     train_shards = Path(a.train_shards or shards_dir("sample"))
     test_shards = Path(a.test_shards or shards_dir("sample_eval"))
     also = [Path(d) for d in a.also_test]
@@ -114,18 +113,17 @@ def main(argv=None) -> int:
         cfg = load_config(out / "checkpoints" / "config.yaml")
         levels = summary["settings"]["levels"]
         level = target_level(a.target_level, levels, summary["settings"]["vector_levels"])
-        obj = find(summary["differences"], scope=a.target_scope, level=level, probe="knn")
+        obj = _target(summary, a, level)
         row = dict(config=METHODS[name], overrides=a.extra, **run, eval_seconds=summary["seconds"]["total"],
                    settings=summary["settings"], results=summary["results"], differences=summary["differences"],
-                   target=dict(scope=a.target_scope, level=level, diff=obj["diff"], lo=obj["lo"], hi=obj["hi"],
-                               met=obj["diff"] >= TARGET))
+                   target=dict(scope=a.target_scope, level=level, **obj))
         if also:
-            row["target"]["also"] = [_also(out, train_shards, d, runs / f"{name}_eval_also{j}", a, level)
-                                     for j, d in enumerate(also)]
-            diffs = [obj["diff"]] + [r["diff"] for r in row["target"]["also"]]
-            row["target"]["mean_over_samples"] = sum(diffs) / len(diffs)
-            row["target"]["met_on_samples"] = sum(d >= TARGET for d in diffs)
-            row["target"]["samples"] = len(diffs)
+            row["target"]["also"] = [dict(test_shards=str(d), **_target(
+                _probe(out, train_shards, d, runs / f"{name}_eval_also{j}", a), a, level)) for j, d in enumerate(also)]
+            every = [obj, *row["target"]["also"]]
+            row["target"]["mean_over_samples"] = sum(r["diff"] for r in every) / len(every)
+            row["target"]["met_on_samples"] = sum(r["met"] for r in every)
+            row["target"]["samples"] = len(every)
         if cfg.get("method") == "mocov2":
             k = int(cfg["model"]["queue_size"])
             row["ln_k_plus_1"] = math.log(k + 1)
@@ -154,11 +152,11 @@ def _probe(run: Path, train_shards: Path, test: Path, out: Path, a) -> dict:
     return evaluate(build_parser().parse_args(args + (["--image-size", str(a.image_size)] if a.image_size else [])))
 
 
-def _also(run: Path, train_shards: Path, test: Path, out: Path, a, level: str) -> dict:
-    """The target's difference for `run` probed on one further held-out sample."""
+def _target(summary: dict, a, level: str) -> dict:
+    """The target's figure in one probe summary: the kNN difference at `level` and whether it is met."""
     from train.eval.probes import find
-    d = find(_probe(run, train_shards, test, out, a)["differences"], scope=a.target_scope, level=level, probe="knn")
-    return dict(test_shards=str(test), diff=d["diff"], lo=d["lo"], hi=d["hi"], met=d["diff"] >= TARGET)
+    d = find(summary["differences"], scope=a.target_scope, level=level, probe="knn")
+    return dict(diff=d["diff"], lo=d["lo"], hi=d["hi"], met=d["diff"] >= TARGET)
 
 
 def _write(a, train_shards, test_shards, rows: dict, t_start: float) -> None:
