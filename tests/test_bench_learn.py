@@ -47,3 +47,15 @@ def test_the_target_level_is_res5_for_a_resnet_and_a_vits_token_map_never_its_cl
     assert learn.target_level("res5", vit, vector_levels=["cls"]) == "tokens"
     assert learn.target_level("cls", vit, vector_levels=["cls"]) == "cls"     # asked for by name
     assert learn.target_level("res5", ["tokens"]) == "tokens"
+
+
+def test_a_further_sample_without_shards_stops_before_training_naming_it_and_the_make_target(sample_shards, tmp_path,
+                                                                                             monkeypatch):
+    import pytest
+    monkeypatch.setenv("WORK_DIR", str(tmp_path / "work"))
+    missing = tmp_path / "sample_seed3" / "shards"
+    with pytest.raises(SystemExit) as e:
+        learn.main(["--train-shards", str(sample_shards), "--test-shards", str(sample_shards),
+                    "--methods", "mocov2", "--out", str(tmp_path / "learn.json"), "--also-test", str(missing)])
+    assert str(missing) in str(e.value) and "make bench-learn-samples" in str(e.value)
+    assert not (tmp_path / "work" / "bench_learn").exists() and not (tmp_path / "learn.json").exists()
